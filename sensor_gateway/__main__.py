@@ -1,0 +1,3 @@
+from sensor_gateway.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Redis: the latest N readings per sensor, the live channel and shared counters.
+
+Keys (prefix ``sg:`` by default):
+- ``latest:<sensor_id>``  sorted set, score = reading time (ms), member = public JSON
+- ``latest``              the same across all sensors
+- ``sensors``             set of sensor ids seen
+- ``live``                pub/sub channel of public JSON readings
+- ``ingest:counters``     hash of the ingester's counters (for /metrics)
+Sorted sets make a redelivered reading a no-op and keep order by time even
+when readings arrive out of order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+
+from sensor_gateway.config import Config
+from sensor_gateway.model import public
+
+
+def connect(cfg: Config) -> redis.Redis:
+    r = cfg.redis
+    return redis.Redis.from_url(
+        r.url,
+        username=r.username or None,
+        password=cfg.secret(r.password_file) or None,
+        socket_timeout=r.timeout_s,
+        socket_connect_timeout=r.timeout_s,
+        decode_responses=True,
+        health_check_interval=15,
+    )
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.latest_all = f"{prefix}latest"
+        self.sensors = f"{prefix}sensors"
+        self.live = f"{prefix}live"
+        self.counters = f"{prefix}ingest:counters"
+
+    def latest(self, sensor_id: str) -> str:
+        return f"{self.prefix}latest:{sensor_id}"
+
+
+def _member(doc: dict[str, Any]) -> tuple[str, float]:
+    return json.dumps(public(doc), separators=(",", ":")), doc["ts"].timestamp() * 1000
+
+
+def store_latest(
+    r: redis.Redis,
+    keys: Keys,
+    docs: Iterable[dict[str, Any]],
+    n: int,
+    counters: Mapping[str, int] | None = None,
+    live: bool = True,
+) -> None:
+    """One pipeline per batch: latest-N sets, trims, live channel, counters."""
+    pipe = r.pipeline(transaction=False)
+    touched: set[str] = set()
+    for doc in docs:
+        member, score = _member(doc)
+        pipe.zadd(keys.latest(doc["sensor_id"]), {member: score})
+        pipe.zadd(keys.latest_all, {member: score})
+        touched.add(doc["sensor_id"])
+        if live:
+            pipe.publish(keys.live, member)
+    for sensor_id in touched:
+        pipe.zremrangebyrank(keys.latest(sensor_id), 0, -n - 1)
+    if touched:
+        pipe.sadd(keys.sensors, *touched)
+        pipe.zremrangebyrank(keys.latest_all, 0, -n - 1)
+    if counters:
+        pipe.hset(keys.counters, mapping=dict(counters))
+    pipe.execute()
+
+
+def replace_latest(
+    r: redis.Redis, keys: Keys, sensor_id: str | None, docs: list[dict[str, Any]]
+) -> None:
+    """Rebuild one sensor's set (or the cross-sensor set for None) from MongoDB."""
+    key = keys.latest_all if sensor_id is None else keys.latest(sensor_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(key)
+    if docs:
+        pipe.zadd(key, dict(_member(d) for d in docs))
+        if sensor_id is not None:
+            pipe.sadd(keys.sensors, sensor_id)
+    pipe.execute()
+
+
+def read_latest(r: redis.Redis, keys: Keys, sensor_id: str | None, n: int) -> list[dict]:
+    key = keys.latest_all if sensor_id is None else keys.latest(sensor_id)
+    return [json.loads(m) for m in r.zrevrange(key, 0, n - 1)]

@@ -1,0 +1,312 @@
+"""Configuration: one TOML file, every key overridable from the environment.
+
+Lookup order for each key: built-in default < ``gateway.toml`` <
+``SENSOR_GATEWAY_<SECTION>__<KEY>``. Secrets are never values in the file:
+keys ending in ``_file`` name a file (absolute, or relative to systemd's
+``$CREDENTIALS_DIRECTORY`` when set, else to the config file's folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/sensor-gateway/gateway.toml")
+ENV_PREFIX = "SENSOR_GATEWAY_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the value."""
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    # Seconds between MQTT PINGREQs; the broker drops us after 1.5x this.
+    keepalive: int = 30
+    tls: bool = False
+    ca_file: str = ""
+    # Reconnect backoff bounds, seconds.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass
+class MongoConfig:
+    uri: str = "mongodb://127.0.0.1:27017/"
+    database: str = "sensor_gateway"
+    username: str = ""
+    password_file: str = ""
+    # How long one server call may take before it counts as "down".
+    timeout_ms: int = 5000
+
+
+@dataclass
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    password_file: str = ""
+    username: str = ""
+    key_prefix: str = "sg:"
+    timeout_s: float = 2.0
+
+
+@dataclass
+class IngestConfig:
+    client_id: str = "sensor-ingest"
+    mqtt_username: str = "sensor-ingest"
+    mqtt_password_file: str = ""
+    # Topic filter; `$share/<group>/sensors/#` to spread over several ingesters.
+    topic: str = "sensors/#"
+    # MQTT 5 session expiry: how long the broker keeps our queue while we are away.
+    session_expiry_s: int = 7 * 24 * 3600
+    batch_size: int = 500
+    batch_timeout_ms: int = 50
+    # Receive Maximum = batch_size * this: batches in flight while one is written.
+    inflight_batches: int = 2
+    max_payload_bytes: int = 16384
+    max_future_skew_s: float = 300.0
+    latest_n: int = 10
+    # Raw payload kept with a reject, bytes.
+    reject_payload_bytes: int = 1024
+    # Rejects logged at warning level per minute; the rest are counted only.
+    reject_log_per_min: int = 20
+    retention_days: int = 0
+    stats_topic: str = "stats/averages"
+    stats_interval_s: float = 10.0
+    stats_windows: list[str] = field(default_factory=lambda: ["1m", "5m", "30m"])
+    # Watchdog pings stop when no batch was finished for this long while work waits.
+    stall_timeout_s: float = 20.0
+
+
+@dataclass
+class SensorSpec:
+    sensor_id: str
+    kind: str
+    profile: str = "random_walk"  # random_walk | status | random_interval
+    interval_s: float = 1.0
+    unit: str = ""
+    initial: float = 20.0
+    step: float = 0.5
+
+
+def _default_sensors() -> list[dict[str, Any]]:
+    return [
+        {"sensor_id": "temp-1", "kind": "temperature", "unit": "°C", "initial": 21.0},
+        {"sensor_id": "hum-1", "kind": "humidity", "unit": "%", "initial": 45.0},
+        {"sensor_id": "status", "kind": "status", "profile": "status"},
+        {"sensor_id": "random-1", "kind": "random", "profile": "random_interval"},
+    ]
+
+
+@dataclass
+class SimulatorConfig:
+    client_id: str = "sensor-simulator"
+    mqtt_username: str = "sensor-simulator"
+    mqtt_password_file: str = ""
+    topic_prefix: str = "sensors"
+    sensors: list[dict[str, Any]] = field(default_factory=_default_sensors)
+    # Messages not yet acknowledged by the broker; publishing waits beyond it.
+    max_inflight: int = 1000
+
+
+@dataclass
+class ApiConfig:
+    bind: str = "127.0.0.1:8000"
+    workers: int = 2
+    threads: int = 4
+    cache_ttl_s: float = 5.0
+    max_limit: int = 1000
+    mqtt_username: str = "sensor-api"
+    mqtt_password_file: str = ""
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass
+class Config:
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    mongodb: MongoConfig = field(default_factory=MongoConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Folder the file was read from; relative secret paths resolve against it.
+    base_dir: Path = field(default=Path("."), repr=False)
+
+    def secret(self, path: str) -> str:
+        """Read a secret file named by a ``*_file`` key; empty path → empty secret."""
+        if not path:
+            return ""
+        p = Path(path)
+        if not p.is_absolute():
+            cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+            if cred_dir and (Path(cred_dir) / p).exists():
+                p = Path(cred_dir) / p
+            else:
+                p = self.base_dir / p
+        try:
+            return p.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {p}: {exc.strerror}") from exc
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else globals()[f.type]  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if f.name != "base_dir"
+}
+
+_DURATION = re.compile(r"^(\d+)(s|m|h)$")
+
+
+def parse_window(text: str) -> int:
+    """'5m' → 300 seconds; names the bad text otherwise."""
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ConfigError(f"bad window {text!r}: expected e.g. 30s, 5m, 1h")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    name = f"{section}.{key}"
+    origin = typing.get_origin(hint)
+    if origin in (list,):
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if isinstance(hint, types.UnionType):
+        return value
+    return value
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are TOML literals when they parse as one, else strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
+            continue
+        section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section {section!r}")
+        out.setdefault(section, {})[key] = _parse_env_value(raw)
+    return out
+
+
+def build(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    """Validate a dict shaped like gateway.toml into a Config."""
+    sections: dict[str, Any] = {}
+    for section, value in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{section}] must be a table, got {value!r}")
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, v in value.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{section}.{key}: unknown key (known: {', '.join(sorted(hints))})"
+                )
+            kwargs[key] = _coerce(section, key, v, hints[key])
+        sections[section] = cls(**kwargs)
+    cfg = Config(**sections, base_dir=base_dir)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def positive(name: str, v: float) -> None:
+        if v <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {v!r}")
+
+    for name, port in (("mqtt.port", cfg.mqtt.port),):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{name}: not a TCP port: {port!r}")
+    positive("ingest.batch_size", cfg.ingest.batch_size)
+    positive("ingest.batch_timeout_ms", cfg.ingest.batch_timeout_ms)
+    positive("ingest.inflight_batches", cfg.ingest.inflight_batches)
+    positive("ingest.max_payload_bytes", cfg.ingest.max_payload_bytes)
+    positive("ingest.latest_n", cfg.ingest.latest_n)
+    positive("ingest.stats_interval_s", cfg.ingest.stats_interval_s)
+    if cfg.ingest.batch_size * cfg.ingest.inflight_batches > 65535:
+        raise ConfigError(
+            "ingest.batch_size * ingest.inflight_batches: exceeds MQTT's Receive Maximum 65535"
+        )
+    if cfg.ingest.retention_days < 0:
+        raise ConfigError(f"ingest.retention_days: must be >= 0, got {cfg.ingest.retention_days}")
+    for w in cfg.ingest.stats_windows:
+        parse_window(w)
+    if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level: expected debug|info|warning|error, got {cfg.log.level!r}")
+    for i, s in enumerate(cfg.simulator.sensors):
+        try:
+            spec = SensorSpec(**s)
+        except TypeError as exc:
+            raise ConfigError(f"simulator.sensors[{i}]: {exc}") from exc
+        if spec.profile not in ("random_walk", "status", "random_interval"):
+            raise ConfigError(
+                f"simulator.sensors[{i}].profile: expected random_walk|status|random_interval,"
+                f" got {spec.profile!r}"
+            )
+        if spec.interval_s <= 0:
+            raise ConfigError(f"simulator.sensors[{i}].interval_s: must be > 0")
+
+
+def load(
+    path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Load the file (if any) and apply environment overrides.
+
+    ``path=None`` reads ``$SENSOR_GATEWAY_CONFIG`` or the default path, and a
+    missing default file is not an error (built-in defaults apply).
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or "SENSOR_GATEWAY_CONFIG" in environ
+    p = Path(path or environ.get("SENSOR_GATEWAY_CONFIG") or DEFAULT_PATH)
+    data: dict[str, Any] = {}
+    if p.exists():
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"{p}: no such configuration file")
+    for section, values in _env_overrides(environ).items():
+        data.setdefault(section, {}).update(values)
+    return build(data, base_dir=p.parent.resolve())

@@ -1,0 +1,27 @@
+"""How a stored reading is shown outside: JSON-ready, ISO 8601 UTC times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+
+def iso(dt: datetime) -> str:
+    """UTC ISO 8601 with millisecond precision and a ``Z``."""
+    if dt.tzinfo is None:  # pymongo returns naive UTC unless tz_aware
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def public(doc: dict[str, Any]) -> dict[str, Any]:
+    """A reading document as the API and the live channel show it."""
+    out: dict[str, Any] = {
+        "id": str(doc["_id"]),
+        "sensor_id": doc["sensor_id"],
+        "kind": doc["kind"],
+        "value": doc["value"],
+        "timestamp": iso(doc["ts"]),
+    }
+    if doc.get("unit"):
+        out["unit"] = doc["unit"]
+    return out

@@ -1,0 +1,44 @@
+"""MQTT clients (paho-mqtt 2): credentials, TLS, MQTT 5 sessions and backoff."""
+
+from __future__ import annotations
+
+import ssl
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from sensor_gateway.config import Config
+
+
+def make_client(
+    cfg: Config,
+    client_id: str,
+    username: str,
+    password_file: str,
+    *,
+    manual_ack: bool = False,
+) -> mqtt.Client:
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    if username:
+        client.username_pw_set(username, cfg.secret(password_file) or None)
+    if cfg.mqtt.tls:
+        ctx = ssl.create_default_context(cafile=cfg.mqtt.ca_file or None)
+        client.tls_set_context(ctx)
+    client.reconnect_delay_set(
+        max(1, int(cfg.mqtt.reconnect_min_s)), max(1, int(cfg.mqtt.reconnect_max_s))
+    )
+    return client
+
+
+def session_properties(session_expiry_s: int, receive_maximum: int) -> Properties:
+    """CONNECT properties of a persistent session with our own in-flight window."""
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    props.ReceiveMaximum = receive_maximum
+    return props

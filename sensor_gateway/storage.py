@@ -1,0 +1,147 @@
+"""MongoDB: connection, indexes, and the ingester's writes.
+
+Everything here stays inside what MongoDB 4.4+ and FerretDB 1.24 both serve
+(DESIGN.md, "Storage").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pymongo
+from pymongo import ASCENDING, DESCENDING, UpdateOne
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from sensor_gateway.config import Config
+
+log = logging.getLogger("sensor_gateway.storage")
+
+READINGS = "readings"
+ROLLUPS = "rollups_minute"
+REJECTED = "rejected"
+DUPLICATE_KEY = 11000
+
+# Errors that mean "the database is not there right now": retry later.
+Unavailable = PyMongoError
+
+
+def connect(cfg: Config, **kwargs: Any) -> Database:
+    m = cfg.mongodb
+    opts: dict[str, Any] = {
+        "tz_aware": True,
+        "serverSelectionTimeoutMS": m.timeout_ms,
+        "connectTimeoutMS": m.timeout_ms,
+        "socketTimeoutMS": m.timeout_ms * 2,
+        "appname": kwargs.pop("appname", "sensor-gateway"),
+    }
+    if m.username:
+        opts["username"] = m.username
+        opts["password"] = cfg.secret(m.password_file)
+    opts.update(kwargs)
+    client: pymongo.MongoClient = pymongo.MongoClient(m.uri, **opts)
+    # Journaled writes: an acknowledged MQTT message must survive a crash.
+    return client.get_database(m.database, write_concern=WriteConcern(w=1, j=True))
+
+
+def ping(db: Database) -> None:
+    db.client.admin.command("ping")
+
+
+def ensure_indexes(db: Database) -> None:
+    r = db[READINGS]
+    r.create_index([("sensor_id", ASCENDING), ("ts", DESCENDING)], name="sensor_ts")
+    r.create_index([("kind", ASCENDING), ("ts", DESCENDING)], name="kind_ts")
+    r.create_index([("ts", DESCENDING)], name="ts")
+    r.create_index([("value", ASCENDING)], name="value")
+    db[ROLLUPS].create_index([("sensor_id", ASCENDING), ("minute", ASCENDING)], name="sensor_min")
+    db[ROLLUPS].create_index([("kind", ASCENDING), ("minute", ASCENDING)], name="kind_min")
+    db[REJECTED].create_index([("received_at", DESCENDING)], name="received_at")
+
+
+def insert_readings(db: Database, docs: list[dict[str, Any]]) -> tuple[list[dict], int]:
+    """Insert unordered; a duplicate key is success. Returns (newly stored, duplicates).
+
+    Raises PyMongoError for anything that is not a duplicate: the caller keeps
+    the batch unacknowledged and retries.
+    """
+    if not docs:
+        return [], 0
+    try:
+        db[READINGS].insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
+        if other or exc.details.get("writeConcernErrors"):
+            raise
+        dup_index = {e["index"] for e in errors}
+        return [d for i, d in enumerate(docs) if i not in dup_index], len(dup_index)
+    return docs, 0
+
+
+def minute_of(ts: datetime) -> datetime:
+    return ts.replace(second=0, microsecond=0)
+
+
+def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
+    """Fold readings into per-sensor, per-minute count/sum/min/max."""
+    acc: dict[tuple[str, datetime], dict[str, Any]] = {}
+    for d in docs:
+        key = (d["sensor_id"], minute_of(d["ts"]))
+        a = acc.get(key)
+        v = d["value"]
+        if a is None:
+            acc[key] = {"kind": d["kind"], "count": 1, "sum": v, "min": v, "max": v}
+        else:
+            a["count"] += 1
+            a["sum"] += v
+            a["min"] = min(a["min"], v)
+            a["max"] = max(a["max"], v)
+    if not acc:
+        return
+    ops = [
+        UpdateOne(
+            {"_id": f"{sensor_id}|{minute.strftime('%Y-%m-%dT%H:%M')}"},
+            {
+                "$inc": {"count": a["count"], "sum": a["sum"]},
+                "$min": {"min": a["min"]},
+                "$max": {"max": a["max"]},
+                "$setOnInsert": {"sensor_id": sensor_id, "kind": a["kind"], "minute": minute},
+            },
+            upsert=True,
+        )
+        for (sensor_id, minute), a in acc.items()
+    ]
+    db[ROLLUPS].bulk_write(ops, ordered=False)
+
+
+def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> None:
+    if rejects:
+        db[REJECTED].insert_many(rejects, ordered=False)
+
+
+def latest_for_sensor(db: Database, sensor_id: str, n: int) -> list[dict[str, Any]]:
+    return list(db[READINGS].find({"sensor_id": sensor_id}).sort("ts", DESCENDING).limit(n))
+
+
+def latest_overall(db: Database, n: int) -> list[dict[str, Any]]:
+    return list(db[READINGS].find().sort("ts", DESCENDING).limit(n))
+
+
+def sensor_ids(db: Database) -> list[str]:
+    return sorted(db[READINGS].distinct("sensor_id"))
+
+
+def apply_retention(db: Database, days: int, now: datetime | None = None) -> int:
+    """Delete readings, rollups and rejects older than ``days``; 0 days keeps all."""
+    if days <= 0:
+        return 0
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    n = db[READINGS].delete_many({"ts": {"$lt": cutoff}}).deleted_count
+    db[ROLLUPS].delete_many({"minute": {"$lt": minute_of(cutoff)}})
+    db[REJECTED].delete_many({"received_at": {"$lt": cutoff}})
+    return n
