@@ -82,8 +82,6 @@ class IngestConfig:
     stats_topic: str = "stats/averages"
     stats_interval_s: float = 10.0
     stats_windows: list[str] = field(default_factory=lambda: ["1m", "5m", "30m"])
-    # Watchdog pings stop when no batch was finished for this long while work waits.
-    stall_timeout_s: float = 20.0
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""``sensor-gateway``: one command, a subcommand per daemon or tool.
+
+The daemons are thin: parse arguments, load configuration, set up logging and
+signals, then hand over to library code (ingest, simulator, api).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from sensor_gateway import config as config_mod
+from sensor_gateway import logs
+from sensor_gateway.notify import Notifier
+
+log = logging.getLogger("sensor_gateway")
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    cfg = config_mod.load(args.config)
+    logs.setup(args.log_level or cfg.log.level)
+    return cfg
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    # Secrets must be readable by whoever runs this (the service user).
+    for section, key in (
+        ("mongodb", "password_file"),
+        ("redis", "password_file"),
+        ("ingest", "mqtt_password_file"),
+        ("simulator", "mqtt_password_file"),
+        ("api", "mqtt_password_file"),
+    ):
+        path = getattr(getattr(cfg, section), key)
+        if path and args.secrets:
+            try:
+                cfg.secret(path)
+            except config_mod.ConfigError as exc:
+                raise config_mod.ConfigError(f"{section}.{key}: {exc}") from exc
+    print("configuration OK")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from sensor_gateway.ingest import Ingester
+
+    cfg = _load(args)
+    notifier = Notifier()
+    ingester = Ingester(cfg, notifier)
+    _on_signals(ingester.stop)
+    if not ingester.start():
+        ingester.shutdown()
+        return 0
+    # READY only now: MongoDB answered, Redis was tried, the subscription is acknowledged.
+    notifier.ready(ingester.counters.status_line(0))
+    ingester.run()
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sensor_gateway.simulator import Simulator
+
+    cfg = _load(args)
+    notifier = Notifier()
+    sim = Simulator(cfg, notifier, seed=args.seed)
+    _on_signals(sim.stop)
+    if not sim.start():
+        sim.finish(timeout=0)
+        return 0
+    notifier.ready("connected")
+    acked = sim.run(rate=args.rate, count=args.count)
+    if args.count is not None and acked < args.count:
+        log.error("only %d of %d messages were acknowledged by the broker", acked, args.count)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sensor-gateway",
+        description="Sensor readings over MQTT into MongoDB and Redis, served over HTTP.",
+    )
+    p.add_argument("-c", "--config", default=None,
+                   help="configuration file (default: $SENSOR_GATEWAY_CONFIG or "
+                        f"{config_mod.DEFAULT_PATH})")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="overrides log.level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check-config", help="validate the configuration and name any bad key")
+    s.add_argument("--no-secrets", dest="secrets", action="store_false",
+                   help="do not try to read the secret files")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("ingest", help="run the ingester (MQTT → MongoDB + Redis)")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("simulate", help="run the sensor simulator (publishes readings)")
+    s.add_argument("--rate", type=float, default=None,
+                   help="messages per second in total (default: each sensor's own schedule)")
+    s.add_argument("--count", type=int, default=None, help="stop after N messages")
+    s.add_argument("--seed", type=int, default=None, help="random seed for repeatable values")
+    s.set_defaults(func=cmd_simulate)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config_mod.ConfigError as exc:
+        print(f"sensor-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The ingester: receive → validate → batch → write → acknowledge.
+
+- receive: paho's network thread puts each QoS 1 message on a queue, unacked.
+  MQTT 5 Receive Maximum (batch_size * inflight_batches) bounds that queue,
+  so memory stays bounded whatever the broker holds for us.
+- validate: the payload contract (:mod:`sensor_gateway.payload`).
+- batch: up to ``batch_size`` messages or ``batch_timeout_ms`` after the first.
+- write: readings with ``insert_many(ordered=False)`` (a duplicate key is
+  success), rejects to ``rejected``, per-minute rollups; retried until MongoDB
+  answers, never acknowledged before. Then Redis (best effort: while Redis is
+  down ingestion goes on and the latest-N sets are rebuilt when it returns).
+- acknowledge: PUBACK for every message of the batch, only now.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from pymongo.database import Database
+from redis.exceptions import RedisError
+
+from sensor_gateway import cache, storage
+from sensor_gateway.config import Config
+from sensor_gateway.logs import RateLimitedLogger
+from sensor_gateway.mqtt import make_client, session_properties
+from sensor_gateway.notify import Notifier
+from sensor_gateway.payload import Limits, Reject, parse
+
+log = logging.getLogger("sensor_gateway.ingest")
+
+
+@dataclass(slots=True)
+class Incoming:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received: datetime
+    received_mono: float
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    batches: int = 0
+    batch_size_last: int = 0
+    batch_size_max: int = 0
+    lag_ms_last: float = 0.0
+    mongo_retries: int = 0
+    redis_errors: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def status_line(self, queued: int) -> str:
+        return (
+            f"stored {self.stored}, rejected {self.rejected}, duplicates {self.duplicates}, "
+            f"lag {self.lag_ms_last:.0f} ms, queued {queued}"
+        )
+
+
+class Ingester:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.icfg = cfg.ingest
+        self.notifier = notifier or Notifier()
+        self.limits = Limits(self.icfg.max_payload_bytes, self.icfg.max_future_skew_s)
+        self.counters = Counters()
+        self.queue: queue.Queue[Incoming] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.subscribed = threading.Event()
+        self.db: Database = storage.connect(cfg, appname="sensor-ingest")
+        self.redis = cache.connect(cfg)
+        self.keys = cache.Keys(cfg.redis.key_prefix)
+        self.redis_ok = True
+        # Sensors written while Redis was away: their latest-N is rebuilt on return.
+        self.redis_dirty: set[str] = set()
+        self._redis_retry_at = 0.0
+        self._retention_at = 0.0
+        self.reject_log = RateLimitedLogger(log, self.icfg.reject_log_per_min)
+        self.client = make_client(
+            cfg,
+            self.icfg.client_id,
+            self.icfg.mqtt_username,
+            self.icfg.mqtt_password_file,
+            manual_ack=True,
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.stats_publisher: Any = None  # set by the stats component when enabled
+
+    # -- receive -----------------------------------------------------------------
+
+    @property
+    def receive_maximum(self) -> int:
+        return self.icfg.batch_size * self.icfg.inflight_batches
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT connect refused: %s", reason_code)
+            return
+        resumed = getattr(flags, "session_present", False)
+        log.info("MQTT connected to %s:%s (session %s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
+                 "resumed" if resumed else "new")
+        client.subscribe(self.icfg.topic, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("MQTT subscribe to %r refused: %s", self.icfg.topic, reason_codes)
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.subscribed.clear()
+        if not self.stop_event.is_set():
+            log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self.queue.put(
+            Incoming(msg.mid, msg.qos, msg.topic, msg.payload, datetime.now(UTC),
+                     time.monotonic())
+        )
+
+    # -- start-up ----------------------------------------------------------------
+
+    def wait_for_mongo(self) -> None:
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                storage.ping(self.db)
+                storage.ensure_indexes(self.db)
+                return
+            except storage.Unavailable as exc:
+                log.warning("MongoDB not reachable (%s); retrying in %.1fs", exc, delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, self.cfg.mqtt.reconnect_max_s)
+
+    def start(self, ready_timeout: float | None = None) -> bool:
+        """Connect everything; returns once subscribed (or False if stopped first)."""
+        self.wait_for_mongo()
+        try:
+            self.redis.ping()
+        except RedisError as exc:
+            log.warning("Redis not reachable (%s); ingesting without it", exc)
+            self._redis_down()
+        self.client.connect_async(
+            self.cfg.mqtt.host,
+            self.cfg.mqtt.port,
+            keepalive=self.cfg.mqtt.keepalive,
+            clean_start=False,
+            properties=session_properties(self.icfg.session_expiry_s, self.receive_maximum),
+        )
+        self.client.loop_start()
+        deadline = None if ready_timeout is None else time.monotonic() + ready_timeout
+        while not self.subscribed.wait(0.5):
+            if self.stop_event.is_set() or (deadline and time.monotonic() > deadline):
+                return False
+        log.info("subscribed to %r, receive maximum %d", self.icfg.topic, self.receive_maximum)
+        return True
+
+    # -- batch -------------------------------------------------------------------
+
+    def collect(self, idle_timeout: float = 1.0) -> list[Incoming]:
+        try:
+            first = self.queue.get(timeout=idle_timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.icfg.batch_timeout_ms / 1000
+        while len(batch) < self.icfg.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self.queue.get(timeout=remaining) if remaining > 0
+                             else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    # -- validate ----------------------------------------------------------------
+
+    def validate(self, batch: list[Incoming]) -> tuple[list[dict], list[dict]]:
+        readings: list[dict] = []
+        rejects: list[dict] = []
+        seen: set[Any] = set()
+        for m in batch:
+            doc = parse(m.topic, m.payload, m.received, self.limits)
+            if isinstance(doc, Reject):
+                rejects.append(self._reject_doc(m, doc.reason))
+            elif "_id" in doc and doc["_id"] in seen:
+                # The same reading twice in one batch (a broker redelivery).
+                self.counters.duplicates += 1
+            else:
+                if "_id" in doc:
+                    seen.add(doc["_id"])
+                readings.append(doc)
+        return readings, rejects
+
+    def _reject_doc(self, m: Incoming, reason: str) -> dict[str, Any]:
+        raw = m.payload[: self.icfg.reject_payload_bytes]
+        self.reject_log.warning("rejected message on %r: %s", m.topic, reason)
+        return {
+            "topic": m.topic,
+            "payload": raw.decode("utf-8", errors="replace"),
+            "payload_bytes": len(m.payload),
+            "reason": reason,
+            "received_at": m.received,
+        }
+
+    # -- write -------------------------------------------------------------------
+
+    def write(self, readings: list[dict], rejects: list[dict]) -> list[dict]:
+        """Store until MongoDB accepts; returns the readings that were new."""
+        delay = 0.2
+        new: list[dict] | None = None
+        while True:
+            try:
+                if new is None:
+                    new, dups = storage.insert_readings(self.db, readings)
+                    self.counters.duplicates += dups
+                    # Rollups only for new readings, so a redelivery is not counted twice.
+                    storage.update_rollups(self.db, new)
+                storage.insert_rejects(self.db, rejects)
+                return new
+            except storage.Unavailable as exc:
+                self.counters.mongo_retries += 1
+                if self.counters.mongo_retries % 10 == 1:
+                    log.warning("MongoDB write failed (%s); batch of %d held unacknowledged, "
+                                "retrying", exc, len(readings) + len(rejects))
+                # Still alive, waiting on the database: the watchdog keeps quiet.
+                self.notifier.progress()
+                self.notifier.status(f"MongoDB unavailable, holding {len(readings)} readings; "
+                                     + self.counters.status_line(self.queue.qsize()))
+                if self.stop_event.wait(delay):
+                    # Stopping with MongoDB down: the batch stays unacknowledged and
+                    # the broker redelivers it to our session later.
+                    raise
+                delay = min(delay * 2, 5.0)
+
+    def write_cache(self, new: list[dict]) -> None:
+        now = time.monotonic()
+        if not self.redis_ok:
+            self.redis_dirty.update(d["sensor_id"] for d in new)
+            if now < self._redis_retry_at:
+                return
+            if not self._redis_recover():
+                return
+        try:
+            cache.store_latest(self.redis, self.keys, new, self.icfg.latest_n,
+                               counters=self.counters.as_dict())
+        except RedisError as exc:
+            log.warning("Redis write failed (%s); continuing without it", exc)
+            self.redis_dirty.update(d["sensor_id"] for d in new)
+            self._redis_down()
+
+    def _redis_down(self) -> None:
+        self.redis_ok = False
+        self.counters.redis_errors += 1
+        self._redis_retry_at = time.monotonic() + 2.0
+
+    def _redis_recover(self) -> bool:
+        """Redis is back: rebuild the latest-N sets touched meanwhile, from MongoDB."""
+        try:
+            self.redis.ping()
+            n = self.icfg.latest_n
+            for sensor_id in sorted(self.redis_dirty):
+                cache.replace_latest(self.redis, self.keys, sensor_id,
+                                     storage.latest_for_sensor(self.db, sensor_id, n))
+            cache.replace_latest(self.redis, self.keys, None, storage.latest_overall(self.db, n))
+        except (RedisError, storage.Unavailable) as exc:
+            log.debug("Redis still unavailable: %s", exc)
+            self._redis_retry_at = time.monotonic() + 2.0
+            return False
+        log.info("Redis is back; rebuilt latest readings of %d sensors", len(self.redis_dirty))
+        self.redis_dirty.clear()
+        self.redis_ok = True
+        return True
+
+    # -- acknowledge -------------------------------------------------------------
+
+    def acknowledge(self, batch: list[Incoming]) -> None:
+        for m in batch:
+            if m.qos > 0:
+                self.client.ack(m.mid, m.qos)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def process(self, batch: list[Incoming]) -> None:
+        readings, rejects = self.validate(batch)
+        new = self.write(readings, rejects)
+        self.write_cache(new)
+        self.acknowledge(batch)
+        c = self.counters
+        c.received += len(batch)
+        c.stored += len(new)
+        c.rejected += len(rejects)
+        c.batches += 1
+        c.batch_size_last = len(batch)
+        c.batch_size_max = max(c.batch_size_max, len(batch))
+        c.lag_ms_last = (time.monotonic() - batch[0].received_mono) * 1000
+
+    def step(self) -> int:
+        """One turn of the loop: collect and process a batch. Returns its size."""
+        batch = self.collect()
+        if batch:
+            self.process(batch)
+        elif not self.redis_ok and self.redis_dirty:
+            self.write_cache([])
+        self._housekeeping()
+        # Progress: a batch finished, or nothing to do. A hung write never gets here.
+        self.notifier.progress()
+        self.notifier.status(self.counters.status_line(self.queue.qsize()))
+        return len(batch)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self.icfg.retention_days and now >= self._retention_at:
+            self._retention_at = now + 3600
+            try:
+                n = storage.apply_retention(self.db, self.icfg.retention_days)
+                if n:
+                    log.info("retention: deleted %d readings older than %d days", n,
+                             self.icfg.retention_days)
+            except storage.Unavailable as exc:
+                log.warning("retention delete failed: %s", exc)
+        if self.stats_publisher is not None:
+            self.stats_publisher.maybe_publish()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+            except storage.Unavailable:
+                break  # only raised while stopping: the batch stays unacked
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Flush what was received, acknowledge it, then leave the broker."""
+        self.notifier.stopping()
+        drained = 0
+        while True:
+            try:
+                batch = [self.queue.get_nowait()]
+            except queue.Empty:
+                break
+            while len(batch) < self.icfg.batch_size:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.process(batch)
+                drained += len(batch)
+            except storage.Unavailable as exc:
+                log.warning("MongoDB unavailable while stopping (%s); %d messages left "
+                            "to the broker for redelivery", exc, len(batch) + self.queue.qsize())
+                break
+        # Let paho send the PUBACKs before the DISCONNECT.
+        time.sleep(0.2)
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("stopped after flushing %d messages: %s", drained,
+                 self.counters.status_line(0))
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,320 @@
+"""Local services on loopback: Mosquitto, Redis, a MongoDB-wire server, RabbitMQ.
+
+Used by the test fixtures and by ``make run``. Each service runs as a child
+process on a free 127.0.0.1 port with its data in a folder of ours, with the
+same security the deployment has (broker users and ACLs, a Redis password),
+and can be stopped, killed and started again mid-test.
+
+MongoDB-wire server: ``mongod`` when one is on PATH, else FerretDB 1.24 with
+its SQLite backend (``$FERRETDB`` or ``.cache/bin/ferretdb``, built by
+``.ci/build-ferretdb.sh``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Broker users and what each may do (the deployment's ACL, see deploy/ansible).
+MQTT_USERS = ("sensor-ingest", "sensor-simulator", "sensor-api")
+MOSQUITTO_ACL = """\
+user sensor-simulator
+topic write sensors/#
+
+user sensor-ingest
+topic read sensors/#
+topic read $share/+/sensors/#
+topic write stats/#
+
+user sensor-api
+topic read stats/#
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass(kw_only=True)
+class Service:
+    """A child-process service with a fixed port and data folder across restarts."""
+
+    name: str
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    start_timeout: float = 30.0
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write configuration once, before the first start."""
+
+    def env(self) -> dict[str, str] | None:
+        return None
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "service.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+            env=self.env(), start_new_session=True,
+        )
+        wait_port(self.port, self.start_timeout, self.proc)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Graceful stop (SIGTERM), as ``systemctl stop`` would."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        p = self.dir / "service.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+@dataclass(kw_only=True)
+class Mosquitto(Service):
+    name: str = "mosquitto"
+    passwords: dict[str, str] = field(default_factory=dict)
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.passwords = {u: secrets.token_urlsafe(16) for u in MQTT_USERS}
+        pwfile = self.dir / "passwd"
+        pwfile.write_text("")
+        for user, pw in self.passwords.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, pw], check=True,
+                           capture_output=True)
+        pwfile.chmod(0o600)
+        (self.dir / "acl").write_text(MOSQUITTO_ACL)
+        (self.dir / "mosquitto.conf").write_text(mosquitto_conf(
+            port=self.port, data_dir=self.dir, password_file=self.dir / "passwd",
+            acl_file=self.dir / "acl"))
+
+    def command(self) -> list[str]:
+        return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                str(self.dir / "mosquitto.conf")]
+
+
+def mosquitto_conf(port: int, data_dir: Path, password_file: Path, acl_file: Path) -> str:
+    """The broker settings the gateway relies on (see config/mosquitto/)."""
+    template = (REPO / "config" / "mosquitto" / "sensor-gateway.conf").read_text()
+    return (
+        f"per_listener_settings false\n"
+        # Run as whoever starts it (root in CI): Mosquitto would otherwise switch
+        # to the `mosquitto` user, who cannot read our 0600 files.
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+        f"listener {port} 127.0.0.1\n"
+        f"persistence_location {data_dir}/\n"
+        f"password_file {password_file}\n"
+        f"acl_file {acl_file}\n"
+        f"log_dest stdout\n"
+        + template
+    )
+
+
+@dataclass(kw_only=True)
+class Redis(Service):
+    name: str = "redis"
+    password: str = ""
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.password = secrets.token_urlsafe(16)
+        (self.dir / "redis.conf").write_text(
+            f"bind 127.0.0.1\nport {self.port}\nprotected-mode yes\n"
+            f"requirepass {self.password}\ndir {self.dir}\n"
+            "appendonly yes\nsave \"\"\nmaxmemory 64mb\nmaxmemory-policy noeviction\n"
+        )
+        (self.dir / "redis.conf").chmod(0o600)
+
+    def command(self) -> list[str]:
+        return [shutil.which("redis-server") or "/usr/bin/redis-server",
+                str(self.dir / "redis.conf")]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def find_ferretdb() -> str | None:
+    for cand in (os.environ.get("FERRETDB"), str(REPO / ".cache" / "bin" / "ferretdb"),
+                 shutil.which("ferretdb")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+@dataclass(kw_only=True)
+class MongoServer(Service):
+    """``mongod`` from PATH if present, else FerretDB (SQLite backend)."""
+
+    name: str = "mongodb"
+    debug_port: int = field(default_factory=free_port)
+    engine: str = ""
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "data").mkdir(exist_ok=True)
+        if shutil.which("mongod") and os.environ.get("SENSOR_GATEWAY_TEST_ENGINE") != "ferretdb":
+            self.engine = "mongod"
+        elif find_ferretdb():
+            self.engine = "ferretdb"
+        else:
+            raise RuntimeError("no MongoDB-wire server: put mongod on PATH or run "
+                               ".ci/build-ferretdb.sh")
+
+    def command(self) -> list[str]:
+        data = self.dir / "data"
+        if self.engine == "mongod":
+            return ["mongod", "--dbpath", str(data), "--port", str(self.port),
+                    "--bind_ip", "127.0.0.1", "--quiet"]
+        return [
+            find_ferretdb() or "ferretdb", "--handler=sqlite", f"--sqlite-url=file:{data}/",
+            f"--listen-addr=127.0.0.1:{self.port}", f"--debug-addr=127.0.0.1:{self.debug_port}",
+            f"--state-dir={self.dir}", "--telemetry=disable", "--log-level=warn",
+        ]
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+
+@dataclass(kw_only=True)
+class RabbitMQ(Service):
+    """RabbitMQ with its MQTT plugin (MQTT 3.1.1 only), for the compatibility test."""
+
+    name: str = "rabbitmq"
+    amqp_port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    start_timeout: float = 90.0
+    password: str = ""
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.password = secrets.token_urlsafe(16)
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {self.amqp_port}\n"
+            f"mqtt.listeners.tcp.default = {self.port}\n"
+            "mqtt.allow_anonymous = false\n"
+            "mqtt.prefetch = 1000\n"
+            "loopback_users = none\n"
+            f"default_user = gateway\ndefault_pass = {self.password}\n"
+        )
+
+    def env(self) -> dict[str, str]:
+        d = self.dir
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": f"sgtest{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+            "HOME": str(d),
+        }
+
+    def command(self) -> list[str]:
+        return [shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"]
+
+
+@dataclass(kw_only=True)
+class Stack:
+    """The three services the gateway needs, and the configuration pointing at them."""
+
+    root: Path
+    mosquitto: Mosquitto = field(init=False)
+    redis: Redis = field(init=False)
+    mongo: MongoServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.mosquitto = Mosquitto(root=self.root)
+        self.redis = Redis(root=self.root)
+        self.mongo = MongoServer(root=self.root)
+        self.secrets_dir = self.root / "secrets"
+
+    def start(self) -> None:
+        for s in (self.mosquitto, self.redis, self.mongo):
+            s.prepare()
+            s.start()
+        self.secrets_dir.mkdir(exist_ok=True, mode=0o700)
+        for user, pw in self.mosquitto.passwords.items():
+            _write_secret(self.secrets_dir / f"mqtt-{user.removeprefix('sensor-')}-password", pw)
+        _write_secret(self.secrets_dir / "redis-password", self.redis.password)
+
+    def stop(self) -> None:
+        for s in (self.mosquitto, self.redis, self.mongo):
+            s.stop()
+
+    def config_dict(self, database: str = "sensor_gateway") -> dict:
+        """A gateway.toml (as a dict) for this stack; secrets are files under root."""
+        sec = self.secrets_dir
+        return {
+            "mqtt": {"host": "127.0.0.1", "port": self.mosquitto.port,
+                     "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+            "mongodb": {"uri": self.mongo.uri, "database": database, "timeout_ms": 2000},
+            "redis": {"url": self.redis.url, "password_file": str(sec / "redis-password"),
+                      "timeout_s": 1.0},
+            "ingest": {"mqtt_password_file": str(sec / "mqtt-ingest-password")},
+            "simulator": {"mqtt_password_file": str(sec / "mqtt-simulator-password")},
+            "api": {"mqtt_password_file": str(sec / "mqtt-api-password")},
+        }
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
