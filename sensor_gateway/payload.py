@@ -33,6 +33,9 @@ class Limits:
     max_future_skew_s: float = 300.0
 
 
+DEFAULT_LIMITS = Limits()
+
+
 def _number(value: Any, field: str) -> float | Reject:
     if isinstance(value, bool):
         return Reject(f"{field} must be a number, got a boolean")
@@ -66,9 +69,10 @@ def parse_time(text: Any, field: str = "timestamp") -> datetime | Reject:
 
 
 def parse(
-    topic: str, payload: bytes, now: datetime, limits: Limits = Limits()
+    topic: str, payload: bytes, now: datetime, limits: Limits | None = None
 ) -> dict[str, Any] | Reject:
     """Validate one message. ``now`` is the time of receipt (aware, UTC)."""
+    limits = limits or DEFAULT_LIMITS
     if len(payload) > limits.max_payload_bytes:
         return Reject(f"payload is {len(payload)} bytes, over the {limits.max_payload_bytes} limit")
     try:
