@@ -94,24 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sensor-gateway",
         description="Sensor readings over MQTT into MongoDB and Redis, served over HTTP.",
     )
-    p.add_argument("-c", "--config", default=None,
-                   help="configuration file (default: $SENSOR_GATEWAY_CONFIG or "
-                        f"{config_mod.DEFAULT_PATH})")
-    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                   help="overrides log.level")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help=f"configuration file (default: $SENSOR_GATEWAY_CONFIG or {config_mod.DEFAULT_PATH})",
+    )
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="overrides log.level",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("check-config", help="validate the configuration and name any bad key")
-    s.add_argument("--no-secrets", dest="secrets", action="store_false",
-                   help="do not try to read the secret files")
+    s.add_argument(
+        "--no-secrets",
+        dest="secrets",
+        action="store_false",
+        help="do not try to read the secret files",
+    )
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("ingest", help="run the ingester (MQTT → MongoDB + Redis)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("simulate", help="run the sensor simulator (publishes readings)")
-    s.add_argument("--rate", type=float, default=None,
-                   help="messages per second in total (default: each sensor's own schedule)")
+    s.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="messages per second in total (default: each sensor's own schedule)",
+    )
     s.add_argument("--count", type=int, default=None, help="stop after N messages")
     s.add_argument("--seed", type=int, default=None, help="random seed for repeatable values")
     s.set_defaults(func=cmd_simulate)

@@ -286,9 +286,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"simulator.sensors[{i}].interval_s: must be > 0")
 
 
-def load(
-    path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None
-) -> Config:
+def load(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
     """Load the file (if any) and apply environment overrides.
 
     ``path=None`` reads ``$SENSOR_GATEWAY_CONFIG`` or the default path, and a

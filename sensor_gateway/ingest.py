@@ -112,8 +112,12 @@ class Ingester:
             log.error("MQTT connect refused: %s", reason_code)
             return
         resumed = getattr(flags, "session_present", False)
-        log.info("MQTT connected to %s:%s (session %s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
-                 "resumed" if resumed else "new")
+        log.info(
+            "MQTT connected to %s:%s (session %s)",
+            self.cfg.mqtt.host,
+            self.cfg.mqtt.port,
+            "resumed" if resumed else "new",
+        )
         client.subscribe(self.icfg.topic, qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -129,8 +133,7 @@ class Ingester:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self.queue.put(
-            Incoming(msg.mid, msg.qos, msg.topic, msg.payload, datetime.now(UTC),
-                     time.monotonic())
+            Incoming(msg.mid, msg.qos, msg.topic, msg.payload, datetime.now(UTC), time.monotonic())
         )
 
     # -- start-up ----------------------------------------------------------------
@@ -182,8 +185,9 @@ class Ingester:
         while len(batch) < self.icfg.batch_size:
             remaining = deadline - time.monotonic()
             try:
-                batch.append(self.queue.get(timeout=remaining) if remaining > 0
-                             else self.queue.get_nowait())
+                batch.append(
+                    self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                )
             except queue.Empty:
                 break
         return batch
@@ -236,12 +240,17 @@ class Ingester:
             except storage.Unavailable as exc:
                 self.counters.mongo_retries += 1
                 if self.counters.mongo_retries % 10 == 1:
-                    log.warning("MongoDB write failed (%s); batch of %d held unacknowledged, "
-                                "retrying", exc, len(readings) + len(rejects))
+                    log.warning(
+                        "MongoDB write failed (%s); batch of %d held unacknowledged, retrying",
+                        exc,
+                        len(readings) + len(rejects),
+                    )
                 # Still alive, waiting on the database: the watchdog keeps quiet.
                 self.notifier.progress()
-                self.notifier.status(f"MongoDB unavailable, holding {len(readings)} readings; "
-                                     + self.counters.status_line(self.queue.qsize()))
+                self.notifier.status(
+                    f"MongoDB unavailable, holding {len(readings)} readings; "
+                    + self.counters.status_line(self.queue.qsize())
+                )
                 if self.stop_event.wait(delay):
                     # Stopping with MongoDB down: the batch stays unacknowledged and
                     # the broker redelivers it to our session later.
@@ -257,8 +266,9 @@ class Ingester:
             if not self._redis_recover():
                 return
         try:
-            cache.store_latest(self.redis, self.keys, new, self.icfg.latest_n,
-                               counters=self.counters.as_dict())
+            cache.store_latest(
+                self.redis, self.keys, new, self.icfg.latest_n, counters=self.counters.as_dict()
+            )
         except RedisError as exc:
             log.warning("Redis write failed (%s); continuing without it", exc)
             self.redis_dirty.update(d["sensor_id"] for d in new)
@@ -275,8 +285,12 @@ class Ingester:
             self.redis.ping()
             n = self.icfg.latest_n
             for sensor_id in sorted(self.redis_dirty):
-                cache.replace_latest(self.redis, self.keys, sensor_id,
-                                     storage.latest_for_sensor(self.db, sensor_id, n))
+                cache.replace_latest(
+                    self.redis,
+                    self.keys,
+                    sensor_id,
+                    storage.latest_for_sensor(self.db, sensor_id, n),
+                )
             cache.replace_latest(self.redis, self.keys, None, storage.latest_overall(self.db, n))
         except (RedisError, storage.Unavailable) as exc:
             log.debug("Redis still unavailable: %s", exc)
@@ -330,8 +344,11 @@ class Ingester:
             try:
                 n = storage.apply_retention(self.db, self.icfg.retention_days)
                 if n:
-                    log.info("retention: deleted %d readings older than %d days", n,
-                             self.icfg.retention_days)
+                    log.info(
+                        "retention: deleted %d readings older than %d days",
+                        n,
+                        self.icfg.retention_days,
+                    )
             except storage.Unavailable as exc:
                 log.warning("retention delete failed: %s", exc)
         if self.stats_publisher is not None:
@@ -363,15 +380,18 @@ class Ingester:
                 self.process(batch)
                 drained += len(batch)
             except storage.Unavailable as exc:
-                log.warning("MongoDB unavailable while stopping (%s); %d messages left "
-                            "to the broker for redelivery", exc, len(batch) + self.queue.qsize())
+                log.warning(
+                    "MongoDB unavailable while stopping (%s); %d messages left "
+                    "to the broker for redelivery",
+                    exc,
+                    len(batch) + self.queue.qsize(),
+                )
                 break
         # Let paho send the PUBACKs before the DISCONNECT.
         time.sleep(0.2)
         self.client.disconnect()
         self.client.loop_stop()
-        log.info("stopped after flushing %d messages: %s", drained,
-                 self.counters.status_line(0))
+        log.info("stopped after flushing %d messages: %s", drained, self.counters.status_line(0))
 
     def stop(self) -> None:
         self.stop_event.set()

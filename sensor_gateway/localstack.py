@@ -87,8 +87,12 @@ class Service:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "service.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-            env=self.env(), start_new_session=True,
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+            env=self.env(),
+            start_new_session=True,
         )
         wait_port(self.port, self.start_timeout, self.proc)
 
@@ -131,17 +135,26 @@ class Mosquitto(Service):
         pwfile = self.dir / "passwd"
         pwfile.write_text("")
         for user, pw in self.passwords.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, pw], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["mosquitto_passwd", "-b", str(pwfile), user, pw], check=True, capture_output=True
+            )
         pwfile.chmod(0o600)
         (self.dir / "acl").write_text(MOSQUITTO_ACL)
-        (self.dir / "mosquitto.conf").write_text(mosquitto_conf(
-            port=self.port, data_dir=self.dir, password_file=self.dir / "passwd",
-            acl_file=self.dir / "acl"))
+        (self.dir / "mosquitto.conf").write_text(
+            mosquitto_conf(
+                port=self.port,
+                data_dir=self.dir,
+                password_file=self.dir / "passwd",
+                acl_file=self.dir / "acl",
+            )
+        )
 
     def command(self) -> list[str]:
-        return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                str(self.dir / "mosquitto.conf")]
+        return [
+            shutil.which("mosquitto") or "/usr/sbin/mosquitto",
+            "-c",
+            str(self.dir / "mosquitto.conf"),
+        ]
 
 
 def mosquitto_conf(port: int, data_dir: Path, password_file: Path, acl_file: Path) -> str:
@@ -156,8 +169,7 @@ def mosquitto_conf(port: int, data_dir: Path, password_file: Path, acl_file: Pat
         f"persistence_location {data_dir}/\n"
         f"password_file {password_file}\n"
         f"acl_file {acl_file}\n"
-        f"log_dest stdout\n"
-        + template
+        f"log_dest stdout\n" + template
     )
 
 
@@ -172,13 +184,15 @@ class Redis(Service):
         (self.dir / "redis.conf").write_text(
             f"bind 127.0.0.1\nport {self.port}\nprotected-mode yes\n"
             f"requirepass {self.password}\ndir {self.dir}\n"
-            "appendonly yes\nsave \"\"\nmaxmemory 64mb\nmaxmemory-policy noeviction\n"
+            'appendonly yes\nsave ""\nmaxmemory 64mb\nmaxmemory-policy noeviction\n'
         )
         (self.dir / "redis.conf").chmod(0o600)
 
     def command(self) -> list[str]:
-        return [shutil.which("redis-server") or "/usr/bin/redis-server",
-                str(self.dir / "redis.conf")]
+        return [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            str(self.dir / "redis.conf"),
+        ]
 
     @property
     def url(self) -> str:
@@ -186,8 +200,11 @@ class Redis(Service):
 
 
 def find_ferretdb() -> str | None:
-    for cand in (os.environ.get("FERRETDB"), str(REPO / ".cache" / "bin" / "ferretdb"),
-                 shutil.which("ferretdb")):
+    for cand in (
+        os.environ.get("FERRETDB"),
+        str(REPO / ".cache" / "bin" / "ferretdb"),
+        shutil.which("ferretdb"),
+    ):
         if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
             return cand
     return None
@@ -209,18 +226,32 @@ class MongoServer(Service):
         elif find_ferretdb():
             self.engine = "ferretdb"
         else:
-            raise RuntimeError("no MongoDB-wire server: put mongod on PATH or run "
-                               ".ci/build-ferretdb.sh")
+            raise RuntimeError(
+                "no MongoDB-wire server: put mongod on PATH or run .ci/build-ferretdb.sh"
+            )
 
     def command(self) -> list[str]:
         data = self.dir / "data"
         if self.engine == "mongod":
-            return ["mongod", "--dbpath", str(data), "--port", str(self.port),
-                    "--bind_ip", "127.0.0.1", "--quiet"]
+            return [
+                "mongod",
+                "--dbpath",
+                str(data),
+                "--port",
+                str(self.port),
+                "--bind_ip",
+                "127.0.0.1",
+                "--quiet",
+            ]
         return [
-            find_ferretdb() or "ferretdb", "--handler=sqlite", f"--sqlite-url=file:{data}/",
-            f"--listen-addr=127.0.0.1:{self.port}", f"--debug-addr=127.0.0.1:{self.debug_port}",
-            f"--state-dir={self.dir}", "--telemetry=disable", "--log-level=warn",
+            find_ferretdb() or "ferretdb",
+            "--handler=sqlite",
+            f"--sqlite-url=file:{data}/",
+            f"--listen-addr=127.0.0.1:{self.port}",
+            f"--debug-addr=127.0.0.1:{self.debug_port}",
+            f"--state-dir={self.dir}",
+            "--telemetry=disable",
+            "--log-level=warn",
         ]
 
     @property
@@ -303,11 +334,18 @@ class Stack:
         """A gateway.toml (as a dict) for this stack; secrets are files under root."""
         sec = self.secrets_dir
         return {
-            "mqtt": {"host": "127.0.0.1", "port": self.mosquitto.port,
-                     "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+            "mqtt": {
+                "host": "127.0.0.1",
+                "port": self.mosquitto.port,
+                "reconnect_min_s": 0.2,
+                "reconnect_max_s": 2.0,
+            },
             "mongodb": {"uri": self.mongo.uri, "database": database, "timeout_ms": 2000},
-            "redis": {"url": self.redis.url, "password_file": str(sec / "redis-password"),
-                      "timeout_s": 1.0},
+            "redis": {
+                "url": self.redis.url,
+                "password_file": str(sec / "redis-password"),
+                "timeout_s": 1.0,
+            },
             "ingest": {"mqtt_password_file": str(sec / "mqtt-ingest-password")},
             "simulator": {"mqtt_password_file": str(sec / "mqtt-simulator-password")},
             "api": {"mqtt_password_file": str(sec / "mqtt-api-password")},

@@ -51,9 +51,7 @@ def setup(level: str = "info", force_journal: bool | None = None) -> None:
     if journal:
         handler.setFormatter(JournalFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -76,8 +74,9 @@ class RateLimitedLogger:
         window = int(time.monotonic() // 60)
         if window != self._window:
             if self._suppressed:
-                self.logger.warning("%d similar warnings suppressed in the last minute",
-                                    self._suppressed)
+                self.logger.warning(
+                    "%d similar warnings suppressed in the last minute", self._suppressed
+                )
             self._window, self._count, self._suppressed = window, 0, 0
         if self._count < self.per_minute:
             self._count += 1

@@ -143,9 +143,7 @@ def parse(
     if msg_id is not None:
         doc["_id"] = msg_id
     elif "ts_from_receipt" not in doc:
-        doc["_id"] = hashlib.blake2b(
-            topic.encode() + b"\0" + payload, digest_size=12
-        ).hexdigest()
+        doc["_id"] = hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=12).hexdigest()
     # Neither: MongoDB assigns an ObjectId; such readings are stored at least once.
     doc["received_at"] = now
     return doc

@@ -72,15 +72,20 @@ class Simulator:
         self.scfg = cfg.simulator
         self.notifier = notifier or Notifier()
         rng = random.Random(seed)
-        self.sensors = [Sensor(SensorSpec(**s), random.Random(rng.random()))
-                        for s in self.scfg.sensors]
+        self.sensors = [
+            Sensor(SensorSpec(**s), random.Random(rng.random())) for s in self.scfg.sensors
+        ]
         self.run_id = uuid.uuid4().hex[:12]
         self.seq = 0
         self.stats = Published()
         self.stop_event = threading.Event()
         self.connected = threading.Event()
-        self.client = make_client(cfg, self.scfg.client_id or f"sim-{self.run_id}",
-                                  self.scfg.mqtt_username, self.scfg.mqtt_password_file)
+        self.client = make_client(
+            cfg,
+            self.scfg.client_id or f"sim-{self.run_id}",
+            self.scfg.mqtt_username,
+            self.scfg.mqtt_password_file,
+        )
         self.client.max_inflight_messages_set(self.scfg.max_inflight)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -118,8 +123,9 @@ class Simulator:
         return topic, json.dumps(body, separators=(",", ":")).encode()
 
     def start(self, ready_timeout: float | None = None) -> bool:
-        self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port,
-                                  keepalive=self.cfg.mqtt.keepalive)
+        self.client.connect_async(
+            self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive
+        )
         self.client.loop_start()
         deadline = None if ready_timeout is None else time.monotonic() + ready_timeout
         while not self.connected.wait(0.5):
@@ -170,8 +176,9 @@ class Simulator:
             if self.stats.sent - self.stats.acked < self.scfg.max_inflight * 2:
                 self.notifier.progress()
             if self.stats.sent % 100 == 0 or rate is None:
-                self.notifier.status(f"published {self.stats.sent}, acknowledged "
-                                     f"{self.stats.acked}")
+                self.notifier.status(
+                    f"published {self.stats.sent}, acknowledged {self.stats.acked}"
+                )
         return self.finish()
 
     def finish(self, timeout: float = 30.0) -> int:

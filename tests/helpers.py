@@ -22,8 +22,9 @@ from sensor_gateway.mqtt import make_client
 from sensor_gateway.simulator import Simulator
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+    pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -51,11 +52,14 @@ class Gateway:
         self.stack = stack
         self.tmp = tmp
         self.tag = tag
-        self.data = deep_merge(stack.config_dict(database=f"t_{tag}"), {
-            "redis": {"key_prefix": f"t{tag}:"},
-            "ingest": {"client_id": f"ingest-{tag}"},
-            "simulator": {"client_id": f"sim-{tag}"},
-        })
+        self.data = deep_merge(
+            stack.config_dict(database=f"t_{tag}"),
+            {
+                "redis": {"key_prefix": f"t{tag}:"},
+                "ingest": {"client_id": f"ingest-{tag}"},
+                "simulator": {"client_id": f"sim-{tag}"},
+            },
+        )
         self.ingesters: list[tuple[Ingester, threading.Thread]] = []
         self.procs: list[subprocess.Popen] = []
         self._cfg: config.Config | None = None
@@ -125,8 +129,13 @@ class Gateway:
         path = self.write_config()
         log = open(self.tmp / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        p = subprocess.Popen([sys.executable, "-m", "sensor_gateway", "-c", str(path), *args],
-                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "sensor_gateway", "-c", str(path), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
         self.procs.append(p)
         return p
 
@@ -147,15 +156,20 @@ class Gateway:
     def publish_async(self, count: int, rate: float) -> tuple[Simulator, threading.Thread]:
         sim = self.simulator()
         result: dict[str, int] = {}
-        t = threading.Thread(target=lambda: result.setdefault("acked", sim.run(rate, count)),
-                             daemon=True)
+        t = threading.Thread(
+            target=lambda: result.setdefault("acked", sim.run(rate, count)), daemon=True
+        )
         t.start()
         return sim, t
 
     def raw_publisher(self) -> mqtt.Client:
         """A plain MQTT client with the simulator's credentials, for arbitrary payloads."""
-        c = make_client(self.cfg, f"raw-{self.tag}-{time.monotonic_ns()}",
-                        self.cfg.simulator.mqtt_username, self.cfg.simulator.mqtt_password_file)
+        c = make_client(
+            self.cfg,
+            f"raw-{self.tag}-{time.monotonic_ns()}",
+            self.cfg.simulator.mqtt_username,
+            self.cfg.simulator.mqtt_password_file,
+        )
         c.connect(self.cfg.mqtt.host, self.cfg.mqtt.port)
         c.loop_start()
         return c
@@ -165,8 +179,12 @@ class Gateway:
     def forget_session(self) -> None:
         """Remove the ingester's persistent session so the broker stops queueing for it."""
         ok = threading.Event()
-        c = make_client(self.cfg, self.cfg.ingest.client_id, self.cfg.ingest.mqtt_username,
-                        self.cfg.ingest.mqtt_password_file)
+        c = make_client(
+            self.cfg,
+            self.cfg.ingest.client_id,
+            self.cfg.ingest.mqtt_username,
+            self.cfg.ingest.mqtt_password_file,
+        )
         c.on_connect = lambda *a: ok.set()
         try:
             c.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, clean_start=True)

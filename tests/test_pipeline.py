@@ -30,10 +30,16 @@ def test_latest_ten_in_redis_match_mongodb(gateway: Gateway) -> None:
     for sensor_id in storage.sensor_ids(gateway.db):
         expected = [d["_id"] for d in storage.latest_for_sensor(gateway.db, sensor_id, 10)]
         wait_for(
-            lambda s=sensor_id, e=expected: [
-                r["id"] for r in cache.read_latest(gateway.redis, gateway.keys, s,
-                                                   ing_cfg.latest_n)] == e,
-            10, what=f"redis latest of {sensor_id}")
+            lambda s=sensor_id, e=expected: (
+                [
+                    r["id"]
+                    for r in cache.read_latest(gateway.redis, gateway.keys, s, ing_cfg.latest_n)
+                ]
+                == e
+            ),
+            10,
+            what=f"redis latest of {sensor_id}",
+        )
     overall = [d["_id"] for d in storage.latest_overall(gateway.db, 10)]
     got = [r["id"] for r in cache.read_latest(gateway.redis, gateway.keys, None, 10)]
     assert got == overall
