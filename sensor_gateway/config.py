@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 class MqttConfig:
     host: str = "127.0.0.1"
     port: int = 1883
+    # "5" (default) or "3.1.1" for brokers without MQTT 5 (RabbitMQ's MQTT plugin).
+    # With 3.1.1 the broker sets the in-flight window, not ingest.batch_size.
+    protocol: str = "5"
     # Seconds between MQTT PINGREQs; the broker drops us after 1.5x this.
     keepalive: int = 30
     tls: bool = False
@@ -256,6 +259,8 @@ def validate(cfg: Config) -> None:
     for name, port in (("mqtt.port", cfg.mqtt.port),):
         if not 0 < port < 65536:
             raise ConfigError(f"{name}: not a TCP port: {port!r}")
+    if cfg.mqtt.protocol not in ("5", "3.1.1"):
+        raise ConfigError(f'mqtt.protocol: expected "5" or "3.1.1", got {cfg.mqtt.protocol!r}')
     positive("ingest.batch_size", cfg.ingest.batch_size)
     positive("ingest.batch_timeout_ms", cfg.ingest.batch_timeout_ms)
     positive("ingest.inflight_batches", cfg.ingest.inflight_batches)

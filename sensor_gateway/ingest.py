@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from sensor_gateway import cache, storage
 from sensor_gateway.config import Config
 from sensor_gateway.logs import RateLimitedLogger
-from sensor_gateway.mqtt import make_client, session_properties
+from sensor_gateway.mqtt import connect_async, make_client, session_properties
 from sensor_gateway.notify import Notifier
 from sensor_gateway.payload import Limits, Reject, parse
 
@@ -94,6 +94,7 @@ class Ingester:
             self.icfg.mqtt_username,
             self.icfg.mqtt_password_file,
             manual_ack=True,
+            persistent=True,
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -158,12 +159,10 @@ class Ingester:
         except RedisError as exc:
             log.warning("Redis not reachable (%s); ingesting without it", exc)
             self._redis_down()
-        self.client.connect_async(
-            self.cfg.mqtt.host,
-            self.cfg.mqtt.port,
-            keepalive=self.cfg.mqtt.keepalive,
-            clean_start=False,
-            properties=session_properties(self.icfg.session_expiry_s, self.receive_maximum),
+        connect_async(
+            self.client,
+            self.cfg,
+            session_properties(self.icfg.session_expiry_s, self.receive_maximum),
         )
         self.client.loop_start()
         deadline = None if ready_timeout is None else time.monotonic() + ready_timeout

@@ -18,11 +18,15 @@ def make_client(
     password_file: str,
     *,
     manual_ack: bool = False,
+    persistent: bool = False,
 ) -> mqtt.Client:
+    v5 = cfg.mqtt.protocol == "5"
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv5,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        # MQTT 3.1.1 asks for a persistent session here; MQTT 5 does at connect.
+        clean_session=None if v5 else not persistent,
         manual_ack=manual_ack,
     )
     if username:
@@ -34,6 +38,20 @@ def make_client(
         max(1, int(cfg.mqtt.reconnect_min_s)), max(1, int(cfg.mqtt.reconnect_max_s))
     )
     return client
+
+
+def connect_async(client: mqtt.Client, cfg: Config, properties: Properties | None = None) -> None:
+    """Connect in the background (paho retries with backoff); persistent with MQTT 5."""
+    if client.protocol == mqtt.MQTTv5:
+        client.connect_async(
+            cfg.mqtt.host,
+            cfg.mqtt.port,
+            keepalive=cfg.mqtt.keepalive,
+            clean_start=properties is None,
+            properties=properties,
+        )
+    else:
+        client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=cfg.mqtt.keepalive)
 
 
 def session_properties(session_expiry_s: int, receive_maximum: int) -> Properties:

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from sensor_gateway.config import Config, SensorSpec
 from sensor_gateway.model import iso
-from sensor_gateway.mqtt import make_client
+from sensor_gateway.mqtt import connect_async, make_client
 from sensor_gateway.notify import Notifier
 
 log = logging.getLogger("sensor_gateway.simulator")
@@ -123,9 +123,7 @@ class Simulator:
         return topic, json.dumps(body, separators=(",", ":")).encode()
 
     def start(self, ready_timeout: float | None = None) -> bool:
-        self.client.connect_async(
-            self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive
-        )
+        connect_async(self.client, self.cfg)
         self.client.loop_start()
         deadline = None if ready_timeout is None else time.monotonic() + ready_timeout
         while not self.connected.wait(0.5):

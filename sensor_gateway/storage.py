@@ -124,12 +124,16 @@ def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> None:
         db[REJECTED].insert_many(rejects, ordered=False)
 
 
+# Ties on ts are broken by _id, as Redis breaks score ties by member (which starts with the id).
+NEWEST_FIRST = [("ts", DESCENDING), ("_id", DESCENDING)]
+
+
 def latest_for_sensor(db: Database, sensor_id: str, n: int) -> list[dict[str, Any]]:
-    return list(db[READINGS].find({"sensor_id": sensor_id}).sort("ts", DESCENDING).limit(n))
+    return list(db[READINGS].find({"sensor_id": sensor_id}).sort(NEWEST_FIRST).limit(n))
 
 
 def latest_overall(db: Database, n: int) -> list[dict[str, Any]]:
-    return list(db[READINGS].find().sort("ts", DESCENDING).limit(n))
+    return list(db[READINGS].find().sort(NEWEST_FIRST).limit(n))
 
 
 def sensor_ids(db: Database) -> list[str]:
