@@ -127,7 +127,8 @@ class Gateway:
     def spawn(self, *args: str) -> subprocess.Popen:
         """Run ``sensor-gateway <args>`` as a real process with this configuration."""
         path = self.write_config()
-        log = open(self.tmp / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log_path = self.tmp / f"{args[0]}-{len(self.procs)}.log"
+        log = open(log_path, "wb")  # noqa: SIM115
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         p = subprocess.Popen(
             [sys.executable, "-m", "sensor_gateway", "-c", str(path), *args],
@@ -136,7 +137,19 @@ class Gateway:
             env=env,
             cwd=REPO,
         )
+        p.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(p)
+        return p
+
+    def spawn_ingester(self, timeout: float = 30.0) -> subprocess.Popen:
+        """Start ``sensor-gateway ingest`` and wait until it has subscribed."""
+        p = self.spawn("ingest")
+        wait_for(
+            lambda: p.poll() is not None or "subscribed to" in p.log_path.read_text(),
+            timeout,
+            what="the ingester to subscribe",
+        )
+        assert p.poll() is None, p.log_path.read_text()
         return p
 
     def simulator(self, **overrides: Any) -> Simulator:
