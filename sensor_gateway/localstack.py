@@ -298,7 +298,8 @@ class RabbitMQ(Service):
         }
 
     def command(self) -> list[str]:
-        return [shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"]
+        # The /usr/sbin wrapper switches to the rabbitmq user; run the real script as ourselves.
+        return ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
 
 
 @dataclass(kw_only=True)
