@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +63,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = _load(args)
     notifier = Notifier()
     ingester = Ingester(cfg, notifier)
+    if cfg.ingest.stats_topic:
+        from sensor_gateway.stats import StatsPublisher
+
+        ingester.stats_publisher = StatsPublisher.for_client(cfg, ingester.db, ingester.client)
     _on_signals(ingester.stop)
     if not ingester.start():
         ingester.shutdown()
@@ -87,6 +93,44 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         log.error("only %d of %d messages were acknowledged by the broker", acked, args.count)
         return 1
     return 0
+
+
+GUNICORN_CONFIG = "python:sensor_gateway.api.gunicorn_conf"
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # a bad configuration stops here, with the key named
+    if args.dev:
+        from sensor_gateway.api import create_app
+
+        host, _, port = cfg.api.bind.rpartition(":")
+        create_app(cfg).run(host=host or "127.0.0.1", port=int(port), threaded=True)
+        return 0
+    env = dict(os.environ)
+    if args.config:
+        env["SENSOR_GATEWAY_CONFIG"] = os.path.abspath(args.config)
+    if args.log_level:
+        env["SENSOR_GATEWAY_LOG__LEVEL"] = f'"{args.log_level}"'
+    argv = [sys.executable, "-m", "gunicorn", "-c", args.gunicorn_config]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec: gunicorn's master keeps our PID (systemd's MainPID, Type=notify).
+    os.execve(sys.executable, argv, env)
+    return 1  # not reached
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from sensor_gateway.stats import follow
+
+    cfg = _load(args)
+    stop = threading.Event()
+    _on_signals(stop.set)
+    count = args.count if args.count is not None else (None if args.follow else 1)
+    timeout = args.timeout
+    if timeout is None and not args.follow:
+        timeout = 2 * cfg.ingest.stats_interval_s + 5
+    printed = follow(cfg, sys.stdout, count=count, timeout=timeout, stop=stop)
+    return 0 if printed or args.follow else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=None, help="stop after N messages")
     s.add_argument("--seed", type=int, default=None, help="random seed for repeatable values")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("api", help="run the HTTP API under gunicorn")
+    s.add_argument("--dev", action="store_true", help="run Flask's development server instead")
+    s.add_argument(
+        "--gunicorn-config",
+        default=GUNICORN_CONFIG,
+        help="gunicorn configuration (default: the packaged one, as config/gunicorn.conf.py)",
+    )
+    s.set_defaults(func=cmd_api)
+
+    s = sub.add_parser("stats", help="print the rolling averages published on MQTT")
+    s.add_argument(
+        "--follow", action="store_true", help="keep printing each message as it arrives"
+    )
+    s.add_argument("--count", type=int, default=None, help="stop after N messages")
+    s.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    s.set_defaults(func=cmd_stats)
 
     return p
 

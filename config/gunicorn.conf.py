@@ -1,0 +1,16 @@
+# gunicorn configuration of the sensor-gateway API.
+#
+#   gunicorn -c config/gunicorn.conf.py          (what `sensor-gateway api` runs)
+#
+# Everything lives in the package so an installed gateway has it too: bind,
+# workers and threads from gateway.toml ([api]), gthread workers, Prometheus
+# multiprocess metrics, and the systemd READY/WATCHDOG/STATUS/STOPPING hooks.
+# Override any setting below the import, e.g. `timeout = 60`.
+from sensor_gateway.api.gunicorn_conf import *  # noqa: F403
+from sensor_gateway.api.gunicorn_conf import (  # noqa: F401 - hooks gunicorn looks up by name
+    child_exit,
+    on_exit,
+    on_starting,
+    when_ready,
+    worker_int,
+)

@@ -1,0 +1,57 @@
+"""The HTTP API: an APIFlask app factory with one blueprint per concern.
+
+``create_app()`` reads the configuration (``$SENSOR_GATEWAY_CONFIG`` or the
+default path) unless given one; gunicorn runs ``sensor_gateway.api:create_app()``
+(see :mod:`sensor_gateway.api.gunicorn_conf`). The OpenAPI document is
+generated from the schemas at ``/openapi.json``, with interactive docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+from apiflask import APIFlask
+
+from sensor_gateway import __version__
+from sensor_gateway import config as config_mod
+from sensor_gateway.api import compat, errors, health, metrics, readings, sensors, stats, stream
+from sensor_gateway.api.services import Services
+
+
+def create_app(cfg: config_mod.Config | None = None) -> APIFlask:
+    cfg = cfg if cfg is not None else config_mod.load()
+    app = APIFlask(
+        "sensor_gateway.api",
+        title="sensor-gateway API",
+        version=__version__,
+        spec_path="/openapi.json",
+        docs_path="/docs",
+    )
+    app.config.update(
+        VALIDATION_ERROR_STATUS_CODE=400,
+        VALIDATION_ERROR_DESCRIPTION="Bad request: a parameter is invalid",
+        HTTP_ERROR_SCHEMA={
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+            },
+            "type": "object",
+        },
+        DESCRIPTION="Sensor readings collected over MQTT, served from Redis and MongoDB. "
+        "Times are ISO 8601 (UTC in answers; naive times in requests are UTC). Errors are "
+        "`application/problem+json` naming the bad parameter or the failing dependency.",
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["sensor_gateway"] = Services(cfg)
+    errors.register(app)
+    metrics.register(app)
+    for bp in (
+        readings.bp,
+        stream.bp,
+        sensors.bp,
+        stats.bp,
+        health.bp,
+        compat.bp,
+    ):
+        app.register_blueprint(bp)
+    return app

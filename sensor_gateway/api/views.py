@@ -1,0 +1,67 @@
+"""Shared pieces of the views: fast JSON responses and latest-N lookups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from apiflask import abort
+from flask import Response
+
+from sensor_gateway import queries
+from sensor_gateway.api.services import Services
+
+_encode = msgspec.json.Encoder().encode
+
+
+def json_bytes(obj: Any) -> bytes:
+    return _encode(obj)
+
+
+def json_response(
+    obj: Any | bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    body = obj if isinstance(obj, bytes) else _encode(obj)
+    resp = Response(body, status=status, mimetype="application/json")
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def latest_fragments(
+    svc: Services, sensor_id: str | None, n: int, name: str | None = None
+) -> tuple[list[str], str]:
+    """The newest ``n`` readings as JSON texts, and where they came from.
+
+    Redis holds the newest ``ingest.latest_n`` per sensor and across sensors;
+    an empty set there (or Redis down, or more asked for than it keeps) reads
+    MongoDB instead. ``name`` (compatibility ``Sensor_Name``) may be a sensor
+    id or a kind; a kind is served from MongoDB.
+    """
+    lookup = sensor_id if name is None else name
+    if n <= svc.cfg.ingest.latest_n:
+        key = svc.keys.latest_all if lookup is None else svc.keys.latest(lookup)
+        ok, members = svc.try_redis(lambda r: r.zrevrange(key, 0, n - 1))
+        if ok and members:
+            return members, "redis"
+    if name is not None:
+        docs = queries.latest(svc.db, n, sensor_id=name) or queries.latest(svc.db, n, kind=name)
+    else:
+        docs = queries.latest(svc.db, n, sensor_id=sensor_id)
+    return [_encode(d).decode() for d in docs], "mongodb"
+
+
+def latest_response(
+    svc: Services,
+    sensor_id: str | None,
+    n: int,
+    envelope: bool,
+    name: str | None = None,
+) -> Response:
+    frags, source = latest_fragments(svc, sensor_id, n, name)
+    wanted = name if name is not None else sensor_id
+    if not frags and wanted is not None:
+        abort(404, f"unknown sensor {wanted!r}: no readings stored for it")
+    items = "[" + ",".join(frags) + "]"
+    body = '{"items":' + items + "}" if envelope else items
+    return json_response(body.encode(), headers={"X-Data-Source": source})
