@@ -25,18 +25,21 @@ def create_app(cfg: config_mod.Config | None = None) -> APIFlask:
         spec_path="/openapi.json",
         docs_path="/docs",
     )
+    problem_schema = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {"type": "object"},
+        },
+    }
     app.config.update(
         VALIDATION_ERROR_STATUS_CODE=400,
+        VALIDATION_ERROR_SCHEMA=problem_schema,
+        HTTP_ERROR_SCHEMA=problem_schema,
         VALIDATION_ERROR_DESCRIPTION="Bad request: a parameter is invalid",
-        HTTP_ERROR_SCHEMA={
-            "properties": {
-                "type": {"type": "string"},
-                "title": {"type": "string"},
-                "status": {"type": "integer"},
-                "detail": {"type": "string"},
-            },
-            "type": "object",
-        },
         DESCRIPTION="Sensor readings collected over MQTT, served from Redis and MongoDB. "
         "Times are ISO 8601 (UTC in answers; naive times in requests are UTC). Errors are "
         "`application/problem+json` naming the bad parameter or the failing dependency.",

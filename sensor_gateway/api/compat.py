@@ -24,12 +24,10 @@ from sensor_gateway.api.views import latest_response
 
 bp = APIBlueprint("compat", __name__, tag="compatibility")
 
-_ARRAY = {200: {"description": "A JSON array of readings"}}
-
 
 @bp.get("/Last_10_readings")
 @bp.input(schemas.SensorNameQuery, location="query", unknown=RAISE)
-@bp.output(schemas.Reading(many=True), description="Newest first")
+@bp.output(schemas.READING_ARRAY, description="Newest first")
 @bp.doc(
     summary="Compatibility: the last ten readings of a sensor (id or kind)",
     responses={404: "No such sensor or kind"},
@@ -39,14 +37,14 @@ def last_10_readings(query_data: dict[str, Any]) -> Response:
 
 
 @bp.get("/latestten")
-@bp.output(schemas.Reading(many=True), description="Newest first")
+@bp.output(schemas.READING_ARRAY, description="Newest first")
 @bp.doc(summary="Compatibility: the latest ten readings across sensors")
 def latestten() -> Response:
     return latest_response(services(), None, 10, envelope=False)
 
 
 @bp.get("/latestten/<sensor_id>")
-@bp.output(schemas.Reading(many=True), description="Newest first")
+@bp.output(schemas.READING_ARRAY, description="Newest first")
 @bp.doc(
     summary="Compatibility: the latest ten readings of one sensor",
     responses={404: "No such sensor"},
@@ -69,7 +67,7 @@ def _start_to_end(query_data: dict[str, Any]) -> Response:
 
 @bp.get("/starttoenddate")
 @bp.input(schemas.StartToEndQuery, location="query", unknown=RAISE)
-@bp.output(schemas.Reading(many=True), description="Oldest first")
+@bp.output(schemas.READING_ARRAY, description="Oldest first")
 @bp.doc(
     summary="Compatibility: readings between two dates",
     description="`startDate` and `endDate` both inclusive (ISO 8601, naive = UTC). At most "
@@ -81,7 +79,7 @@ def starttoenddate(query_data: dict[str, Any]) -> Response:
 
 @bp.get("/startoenddate")
 @bp.input(schemas.StartToEndQuery, location="query", unknown=RAISE)
-@bp.output(schemas.Reading(many=True))
+@bp.output(schemas.READING_ARRAY)
 @bp.doc(
     summary="Compatibility: the misspelt /starttoenddate of the old README's example",
     deprecated=True,
@@ -92,7 +90,7 @@ def startoenddate(query_data: dict[str, Any]) -> Response:
 
 @bp.get("/allData")
 @bp.input(schemas.PageQuery, location="query", unknown=RAISE)
-@bp.output(schemas.Reading(many=True), description="Oldest first")
+@bp.output(schemas.READING_ARRAY, description="Oldest first")
 @bp.doc(
     summary="Compatibility: all readings, a page at a time",
     description="Pages of `limit` (≤ 1000) readings; the next page is announced in "

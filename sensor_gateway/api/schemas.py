@@ -34,7 +34,7 @@ class IsoDateTime(fields.DateTime):
 
 def sensor_id_field(**kw: Any) -> fields.String:
     return fields.String(
-        validate=[Length(1, 64), Regexp(SENSOR_ID_RE, error="must match " + ID_PATTERN)], **kw
+        validate=[Length(1, 64), Regexp(SENSOR_ID_RE, error="must match {regex}")], **kw
     )
 
 
@@ -261,3 +261,7 @@ class Ready(Schema):
 
 class Health(Schema):
     status = fields.String()
+
+
+# One instance, so the spec holds one array-of-readings schema.
+READING_ARRAY = Reading(many=True)
