@@ -6,8 +6,8 @@
 # workers and threads from gateway.toml ([api]), gthread workers, Prometheus
 # multiprocess metrics, and the systemd READY/WATCHDOG/STATUS/STOPPING hooks.
 # Override any setting below the import, e.g. `timeout = 60`.
-from sensor_gateway.api.gunicorn_conf import *  # noqa: F403
-from sensor_gateway.api.gunicorn_conf import (  # noqa: F401 - hooks gunicorn looks up by name
+from sensor_gateway.gunicorn_conf import *  # noqa: F403
+from sensor_gateway.gunicorn_conf import (  # noqa: F401 - hooks gunicorn looks up by name
     child_exit,
     on_exit,
     on_starting,

@@ -95,7 +95,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-GUNICORN_CONFIG = "python:sensor_gateway.api.gunicorn_conf"
+GUNICORN_CONFIG = "python:sensor_gateway.gunicorn_conf"
 
 
 def cmd_api(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 ``create_app()`` reads the configuration (``$SENSOR_GATEWAY_CONFIG`` or the
 default path) unless given one; gunicorn runs ``sensor_gateway.api:create_app()``
-(see :mod:`sensor_gateway.api.gunicorn_conf`). The OpenAPI document is
+(see :mod:`sensor_gateway.gunicorn_conf`). The OpenAPI document is
 generated from the schemas at ``/openapi.json``, with interactive docs at ``/docs``.
 """
 

@@ -1,5 +1,8 @@
 """gunicorn settings and hooks for the API (``config/gunicorn.conf.py`` re-exports this).
 
+Outside the ``api`` package on purpose: importing it must not import
+prometheus_client before ``PROMETHEUS_MULTIPROC_DIR`` is set below.
+
 Settings come from the gateway configuration (``$SENSOR_GATEWAY_CONFIG`` or
 /etc/sensor-gateway/gateway.toml): ``api.bind``, ``api.workers``,
 ``api.threads``; the worker class is ``gthread`` (SSE streams hold a thread,
@@ -51,6 +54,9 @@ timeout = 30
 graceful_timeout = 10
 keepalive = 5
 proc_name = "sensor-api"
+# gunicorn ≥ 24's control socket lives in $HOME/.gunicorn: unwritable under a hardened
+# unit and shared between instances. Nothing here uses it.
+control_socket_disable = True
 loglevel = _cfg.log.level
 errorlog = "-"
 accesslog = None
@@ -127,7 +133,7 @@ def healthz_ok(address: str, timeout: float = 2.0) -> bool:
 
 def _supervise(address: str, notifier: Notifier) -> None:
     """READY once serving and connected; then WATCHDOG while /healthz answers."""
-    from sensor_gateway.api.health import check_dependencies
+    from sensor_gateway.api.health import check_dependencies  # imported in when_ready
 
     delay = 0.2
     while not _State.stopping.is_set():
@@ -178,6 +184,18 @@ def on_starting(server: Any) -> None:
 
 def when_ready(server: Any) -> None:
     assert _State.notifier is not None
+    # The supervising thread runs while this process forks workers. A fork copies
+    # any lock another thread holds, and a module being imported by that thread
+    # stays locked forever in the child. So everything the thread uses is imported
+    # (and a first check run, which also imports what the clients import lazily)
+    # here, in the main thread, before it starts and before any worker is forked.
+    from sensor_gateway.api.health import check_dependencies
+
+    checks = check_dependencies(_cfg)
+    failing = [f"{n}: {c.get('error')}" for n, c in checks.items() if not c["ok"]]
+    if failing:
+        log.warning("dependencies not reachable yet: %s", "; ".join(failing))
+    requests_served()
     address = server.cfg.bind[0] if server.cfg.bind else _cfg.api.bind
     _State.thread = threading.Thread(
         target=_supervise, args=(address, _State.notifier), name="sd-notify", daemon=True
