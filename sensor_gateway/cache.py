@@ -12,8 +12,9 @@ when readings arrive out of order.
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -54,25 +55,35 @@ def _member(doc: dict[str, Any]) -> tuple[str, float]:
 def store_latest(
     r: redis.Redis,
     keys: Keys,
-    docs: Iterable[dict[str, Any]],
+    docs: list[dict[str, Any]],
     n: int,
     counters: Mapping[str, int] | None = None,
     live: bool = True,
 ) -> None:
-    """One pipeline per batch: latest-N sets, trims, live channel, counters."""
+    """One pipeline per batch: latest-N sets, trims, live channel, counters.
+
+    Only a batch's newest N per sensor (and overall) can enter the sets, so the
+    rest are not sent.
+    """
     pipe = r.pipeline(transaction=False)
-    touched: set[str] = set()
-    for doc in docs:
-        member, score = _member(doc)
-        pipe.zadd(keys.latest(doc["sensor_id"]), {member: score})
-        pipe.zadd(keys.latest_all, {member: score})
-        touched.add(doc["sensor_id"])
+    members = [(d["sensor_id"], *_member(d)) for d in docs]
+    by_sensor: dict[str, dict[str, float]] = {}
+    for sensor_id, member, score in members:
+        by_sensor.setdefault(sensor_id, {})[member] = score
         if live:
             pipe.publish(keys.live, member)
-    for sensor_id in touched:
+    newest_overall: dict[str, float] = {}
+    for sensor_id, scored in by_sensor.items():
+        newest = dict(heapq.nlargest(n, scored.items(), key=lambda kv: (kv[1], kv[0])))
+        newest_overall.update(newest)
+        pipe.zadd(keys.latest(sensor_id), newest)
         pipe.zremrangebyrank(keys.latest(sensor_id), 0, -n - 1)
-    if touched:
-        pipe.sadd(keys.sensors, *touched)
+    if by_sensor:
+        pipe.sadd(keys.sensors, *by_sensor)
+        pipe.zadd(
+            keys.latest_all,
+            dict(heapq.nlargest(n, newest_overall.items(), key=lambda kv: (kv[1], kv[0]))),
+        )
         pipe.zremrangebyrank(keys.latest_all, 0, -n - 1)
     if counters:
         pipe.hset(keys.counters, mapping=dict(counters))

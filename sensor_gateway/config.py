@@ -77,6 +77,10 @@ class IngestConfig:
     max_payload_bytes: int = 16384
     max_future_skew_s: float = 300.0
     latest_n: int = 10
+    # Rollup upserts are folded in memory and written this often: one upsert per
+    # sensor-minute instead of one per batch. A crash loses at most this much of the
+    # rollups (never readings); `sensor-gateway rebuild-rollups` recomputes them.
+    rollup_flush_s: float = 1.0
     # Raw payload kept with a reject, bytes.
     reject_payload_bytes: int = 1024
     # Rejects logged at warning level per minute; the rest are counted only.

@@ -87,6 +87,8 @@ class Ingester:
         self.redis_dirty: set[str] = set()
         self._redis_retry_at = 0.0
         self._retention_at = 0.0
+        self.pending_rollups: storage.RollupAcc = {}
+        self._rollups_at = 0.0
         self.reject_log = RateLimitedLogger(log, self.icfg.reject_log_per_min)
         self.client = make_client(
             cfg,
@@ -233,7 +235,7 @@ class Ingester:
                     new, dups = storage.insert_readings(self.db, readings)
                     self.counters.duplicates += dups
                     # Rollups only for new readings, so a redelivery is not counted twice.
-                    storage.update_rollups(self.db, new)
+                    storage.fold_rollups(self.pending_rollups, new)
                 storage.insert_rejects(self.db, rejects)
                 return new
             except storage.Unavailable as exc:
@@ -312,8 +314,11 @@ class Ingester:
     def process(self, batch: list[Incoming]) -> None:
         readings, rejects = self.validate(batch)
         new = self.write(readings, rejects)
+        self._count(batch, new, rejects)
         self.write_cache(new)
         self.acknowledge(batch)
+
+    def _count(self, batch: list[Incoming], new: list[dict], rejects: list[dict]) -> None:
         c = self.counters
         c.received += len(batch)
         c.stored += len(new)
@@ -336,8 +341,21 @@ class Ingester:
         self.notifier.status(self.counters.status_line(self.queue.qsize()))
         return len(batch)
 
+    def flush_rollups(self) -> None:
+        if not self.pending_rollups:
+            return
+        try:
+            storage.write_rollups(self.db, self.pending_rollups)
+            self.pending_rollups = {}
+        except storage.Unavailable as exc:
+            # Kept and merged with what follows; written when MongoDB answers.
+            log.warning("rollup write failed (%s); will retry", exc)
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now >= self._rollups_at:
+            self._rollups_at = now + self.icfg.rollup_flush_s
+            self.flush_rollups()
         if self.icfg.retention_days and now >= self._retention_at:
             self._retention_at = now + 3600
             try:
@@ -386,6 +404,7 @@ class Ingester:
                     len(batch) + self.queue.qsize(),
                 )
                 break
+        self.flush_rollups()
         # Let paho send the PUBACKs before the DISCONNECT.
         time.sleep(0.2)
         self.client.disconnect()

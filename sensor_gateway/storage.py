@@ -87,9 +87,11 @@ def minute_of(ts: datetime) -> datetime:
     return ts.replace(second=0, microsecond=0)
 
 
-def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
-    """Fold readings into per-sensor, per-minute count/sum/min/max."""
-    acc: dict[tuple[str, datetime], dict[str, Any]] = {}
+RollupAcc = dict[tuple[str, datetime], dict[str, Any]]
+
+
+def fold_rollups(acc: RollupAcc, docs: Iterable[dict[str, Any]]) -> RollupAcc:
+    """Add readings into per-sensor, per-minute count/sum/min/max, in memory."""
     for d in docs:
         key = (d["sensor_id"], minute_of(d["ts"]))
         a = acc.get(key)
@@ -99,8 +101,15 @@ def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
         else:
             a["count"] += 1
             a["sum"] += v
-            a["min"] = min(a["min"], v)
-            a["max"] = max(a["max"], v)
+            if v < a["min"]:
+                a["min"] = v
+            if v > a["max"]:
+                a["max"] = v
+    return acc
+
+
+def write_rollups(db: Database, acc: RollupAcc) -> None:
+    """Upsert folded rollups ($inc, $min, $max): one operation per sensor-minute."""
     if not acc:
         return
     ops = [
@@ -117,6 +126,10 @@ def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
         for (sensor_id, minute), a in acc.items()
     ]
     db[ROLLUPS].bulk_write(ops, ordered=False)
+
+
+def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
+    write_rollups(db, fold_rollups({}, docs))
 
 
 def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> None:

@@ -1,0 +1,299 @@
+"""Ingest benchmark: prints one JSON line of figures.
+
+All three subscribers drain the same backlog, published once, on the same
+services in the same run (the broker queues a copy for each persistent
+session):
+- ceiling: a bare paho MQTT 5 subscriber that only decodes JSON (auto-ack);
+- ingest:  `sensor-gateway ingest` as a process (validate, batch, insert_many,
+           rollups, Redis, then acknowledge);
+- naive:   one insert_one per message, acknowledged after it, as the systems
+           this replaces do (run on a slice of the backlog: it is slow).
+Then latency: the simulator publishes at a steady rate to the running
+ingester, and a Redis live-channel subscriber times publish → stored.
+
+Usage: python bench/ingest.py [--messages 60000] [--naive-messages 3000]
+       [--rate 1000] [--latency-seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psutil
+import tomli_w
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sensor_gateway import cache, config, storage  # noqa: E402
+from sensor_gateway.localstack import Stack  # noqa: E402
+from sensor_gateway.mqtt import make_client, session_properties  # noqa: E402
+
+TOPIC = "sensors/#"
+
+
+def persistent_subscriber(cfg, client_id: str, manual_ack: bool, on_message) -> mqtt.Client:
+    c = make_client(
+        cfg,
+        client_id,
+        cfg.ingest.mqtt_username,
+        cfg.ingest.mqtt_password_file,
+        manual_ack=manual_ack,
+    )
+    subscribed = threading.Event()
+    c.on_connect = lambda cl, *a: cl.subscribe(TOPIC, qos=1)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.on_message = on_message
+    c.connect(
+        cfg.mqtt.host, cfg.mqtt.port, clean_start=False, properties=session_properties(3600, 1000)
+    )
+    c.loop_start()
+    assert subscribed.wait(10)
+    return c
+
+
+def create_session(cfg, client_id: str) -> None:
+    c = persistent_subscriber(cfg, client_id, False, lambda *a: None)
+    c.disconnect()
+    c.loop_stop()
+
+
+def publish_backlog(cfg, n: int, run: str) -> None:
+    """Publish n readings at QoS 1 with a C client (mosquitto_pub -l)."""
+    lines = []
+    ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    for i in range(1, n + 1):
+        lines.append(
+            json.dumps(
+                {
+                    "msg_id": f"{run}-{i}",
+                    "sensor_id": f"s{i % 50}",
+                    "value": i % 100,
+                    "timestamp": ts,
+                }
+            )
+        )
+    pw = cfg.secret(cfg.simulator.mqtt_password_file)
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            cfg.mqtt.host,
+            "-p",
+            str(cfg.mqtt.port),
+            "-q",
+            "1",
+            "-M",
+            "1000",
+            "-u",
+            cfg.simulator.mqtt_username,
+            "-P",
+            pw,
+            "-t",
+            "sensors/bench",
+            "-l",
+        ],
+        input=("\n".join(lines) + "\n").encode(),
+        check=True,
+    )
+
+
+def drain_bare(cfg, n: int) -> float:
+    got = 0
+    done = threading.Event()
+    first: list[float] = []
+
+    def on_message(client, userdata, msg):
+        nonlocal got
+        if not first:
+            first.append(time.perf_counter())
+        json.loads(msg.payload)
+        got += 1
+        if got >= n:
+            done.set()
+
+    t0 = time.perf_counter()
+    c = persistent_subscriber(cfg, "bench-bare", False, on_message)
+    assert done.wait(300), f"bare subscriber got {got} of {n}"
+    elapsed = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return n / elapsed
+
+
+def drain_naive(cfg, n: int) -> float:
+    db = storage.connect(cfg)
+    coll = db["naive_readings"]
+    got = 0
+    done = threading.Event()
+
+    def on_message(client, userdata, msg):
+        nonlocal got
+        if got >= n:
+            return
+        doc = json.loads(msg.payload)
+        doc["_id"] = doc.pop("msg_id")
+        doc["ts"] = datetime.fromisoformat(doc.pop("timestamp"))
+        coll.insert_one(doc)
+        client.ack(msg.mid, msg.qos)
+        got += 1
+        if got >= n:
+            done.set()
+
+    t0 = time.perf_counter()
+    c = persistent_subscriber(cfg, "bench-naive", True, on_message)
+    assert done.wait(600), f"naive subscriber stored {got} of {n}"
+    elapsed = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return n / elapsed
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0.0
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=60000)
+    ap.add_argument("--naive-messages", type=int, default=3000)
+    ap.add_argument("--rate", type=float, default=1000)
+    ap.add_argument("--latency-seconds", type=float, default=15)
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    stack = Stack(root=root)
+    stack.start()
+    procs: list[subprocess.Popen] = []
+    try:
+        data = stack.config_dict(database="bench")
+        cfg_path = root / "gateway.toml"
+        cfg_path.write_text(tomli_w.dumps(data))
+        cfg = config.build(data)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+        def spawn(*a: str, log: str) -> subprocess.Popen:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "sensor_gateway", "-c", str(cfg_path), *a],
+                stdout=open(root / log, "wb"),
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+            procs.append(p)
+            return p
+
+        for cid in ("bench-bare", "bench-naive", cfg.ingest.client_id):
+            create_session(cfg, cid)
+        run = "b" + os.urandom(3).hex()
+        publish_backlog(cfg, args.messages, run)
+
+        ceiling = drain_bare(cfg, args.messages)
+
+        db = storage.connect(cfg)
+        r = cache.connect(cfg)
+        keys = cache.Keys(cfg.redis.key_prefix)
+        t0 = time.perf_counter()
+        ing = spawn("ingest", log="ingest.log")
+        sampler = RssSampler(ing.pid)
+        sampler.start()
+        while int(r.hget(keys.counters, "stored") or 0) < args.messages:
+            if ing.poll() is not None:
+                raise SystemExit((root / "ingest.log").read_text()[-2000:])
+            time.sleep(0.05)
+        ingest_rate = args.messages / (time.perf_counter() - t0)
+        ids = {d["_id"] for d in db.readings.find({"_id": {"$regex": f"^{run}-"}}, {"_id": 1})}
+        lost = args.messages - len(ids)
+        stored_docs = db.readings.count_documents({})
+
+        naive = drain_naive(cfg, args.naive_messages)
+
+        # Latency at a steady rate, publish → stored (seen on the Redis live channel).
+        latencies: list[float] = []
+        ps = r.pubsub()
+        ps.subscribe(keys.live)
+
+        listening = threading.Event()
+        listening.set()
+
+        def listen() -> None:
+            while listening.is_set():
+                m = ps.get_message(timeout=0.2)
+                if m is None or m["type"] != "message":
+                    continue
+                ts = datetime.fromisoformat(json.loads(m["data"])["timestamp"])
+                latencies.append((datetime.now(UTC) - ts).total_seconds() * 1000)
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        count = int(args.rate * args.latency_seconds)
+        sim = spawn("simulate", "--rate", str(args.rate), "--count", str(count), log="sim.log")
+        sim.wait(args.latency_seconds * 3 + 60)
+        time.sleep(1.0)
+        listening.clear()
+        listener.join()
+        ps.close()
+        sampler.running = False
+        lat = sorted(latencies)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(len(lat) * p))], 1) if lat else float("nan")
+
+        print(
+            json.dumps(
+                {
+                    "ingest_msgs_per_s": round(ingest_rate),
+                    "ceiling_msgs_per_s": round(ceiling),
+                    "naive_msgs_per_s": round(naive),
+                    "ingest_vs_ceiling": round(ingest_rate / ceiling, 3),
+                    "ingest_vs_naive": round(ingest_rate / naive, 1),
+                    "p50_ms": pct(0.50),
+                    "p99_ms": pct(0.99),
+                    "latency_rate_msgs_per_s": args.rate,
+                    "latency_samples": len(lat),
+                    "rss_mb": round(sampler.peak, 1),
+                    "lost": lost,
+                    "duplicates": stored_docs - len(ids),
+                    "messages": args.messages,
+                    "naive_messages": args.naive_messages,
+                    "mongo_engine": stack.mongo.engine,
+                    "latency_mean_ms": round(statistics.fmean(lat), 1) if lat else None,
+                }
+            )
+        )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
