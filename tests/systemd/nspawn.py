@@ -219,6 +219,8 @@ class VethNet:
 class Container:
     """A booted systemd-nspawn container; see the module docstring."""
 
+    PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
     def __init__(
         self,
         name: str,
@@ -405,19 +407,29 @@ class Container:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     @staticmethod
-    def _remove_cgroup(cg: Path) -> None:
-        # Children first (systemd inside made a tree), deepest first.
+    def _remove_cgroup(cg: Path, timeout: float = 15.0) -> None:
+        """Kill what is left in the container's cgroup tree, then remove it, deepest first."""
         if not cg.exists():
             return
-        for _ in range(50):
+        deadline = time.monotonic() + timeout
+        while True:
             dirs = sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+            for d in [*dirs, cg]:
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
             try:
                 for d in dirs:
-                    d.rmdir()
+                    if d.exists():
+                        d.rmdir()
                 cg.rmdir()
                 return
-            except OSError:
-                time.sleep(0.1)
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    print(f"nspawn: could not remove {cg}: {exc}")
+                    return
+                time.sleep(0.2)
 
     # -- inside ----------------------------------------------------------------------
 
@@ -436,7 +448,7 @@ class Container:
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container (a fresh login-less environment)."""
         environ = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": self.PATH,
             "LANG": "C.UTF-8",
             "HOME": "/root",
             "SYSTEMD_PAGER": "",
@@ -451,6 +463,16 @@ class Container:
                 f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-2000:]}"
             )
         return r
+
+    def popen(
+        self, *argv: str, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.Popen[str]:
+        """Start a command inside the container without waiting for it."""
+        environ = {"PATH": self.PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})}
+        cmd = [*self._enter(), "env", "-i", *(f"{k}={v}" for k, v in environ.items()), *argv]
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(cmd, text=True, **kwargs)
 
     def sh(self, script: str, check: bool = True, timeout: float | None = 120.0) -> str:
         """Run a shell script inside; returns its stdout."""

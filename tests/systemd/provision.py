@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -43,6 +45,29 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _build_package_wheel(dest: Path) -> Path:
+    """The package's wheel from a clean copy of the working tree (an in-tree
+    build would reuse setuptools' build/ folder, stale files included)."""
+    for old in dest.glob("*.whl"):
+        old.unlink()
+    with tempfile.TemporaryDirectory(prefix="sg-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        shutil.copytree(
+            REPO / "sensor_gateway",
+            src / "sensor_gateway",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        for name in ("setup.cfg", "pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
+            if (REPO / name).exists():
+                shutil.copy2(REPO / name, src / name)
+        r = _pip("wheel", "--no-deps", "-q", str(src), "-w", str(dest))
+        if r.returncode != 0:
+            raise RuntimeError(f"building the package wheel failed:\n{r.stderr[-3000:]}")
+    (wheel,) = dest.glob("sensor_gateway-*.whl")
+    return wheel
+
+
 def wheelhouse() -> tuple[Path, Path]:
     """(dependency wheels, the package's own wheel folder), built on the host.
 
@@ -51,12 +76,7 @@ def wheelhouse() -> tuple[Path, Path]:
     """
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     pkg = REPO / ".cache" / "wheel-pkg"
-    for old in pkg.glob("*.whl"):
-        old.unlink()
-    r = _pip("wheel", "--no-deps", "-q", str(REPO), "-w", str(pkg))
-    if r.returncode != 0:
-        raise RuntimeError(f"building the package wheel failed:\n{r.stderr[-3000:]}")
-    (wheel,) = pkg.glob("sensor_gateway-*.whl")
+    wheel = _build_package_wheel(pkg)
     check = _pip(
         "install",
         "--dry-run",
@@ -71,6 +91,9 @@ def wheelhouse() -> tuple[Path, Path]:
         r = _pip("wheel", "-q", str(wheel), "-w", str(WHEELHOUSE))
         if r.returncode != 0:
             raise RuntimeError(f"building dependency wheels failed:\n{r.stderr[-3000:]}")
+    # Only dependencies here: an old wheel of the package would shadow the new one.
+    for stale in WHEELHOUSE.glob("sensor_gateway-*.whl"):
+        stale.unlink()
     return WHEELHOUSE, pkg
 
 
@@ -129,7 +152,8 @@ def install_gateway(c: Container) -> dict[str, str]:
     if not ferretdb:
         raise RuntimeError("no FerretDB binary: run .ci/build-ferretdb.sh")
     c.copy_in(ferretdb, "/usr/local/bin/ferretdb")
-    c.copy_in(HERE / "ferretdb.service", "/etc/systemd/system/ferretdb.service")
+    # Under /usr/local/lib (not /etc) so that `systemctl mask --runtime` can hide it.
+    c.copy_in(HERE / "ferretdb.service", "/usr/local/lib/systemd/system/ferretdb.service")
     c.copy_in(HERE / "probe.py", "/usr/local/lib/sensor-gateway-probe.py")
 
     passwords = {u: secrets.token_urlsafe(16) for u in MQTT_USERS}
