@@ -307,15 +307,17 @@ class Stack:
     """The three services the gateway needs, and the configuration pointing at them."""
 
     root: Path
+    # Fixed ports (for `make run`); 0 picks free ones (tests).
+    ports: dict[str, int] = field(default_factory=dict)
     mosquitto: Mosquitto = field(init=False)
     redis: Redis = field(init=False)
     mongo: MongoServer = field(init=False)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.mosquitto = Mosquitto(root=self.root)
-        self.redis = Redis(root=self.root)
-        self.mongo = MongoServer(root=self.root)
+        self.mosquitto = Mosquitto(root=self.root, port=self.ports.get("mqtt") or free_port())
+        self.redis = Redis(root=self.root, port=self.ports.get("redis") or free_port())
+        self.mongo = MongoServer(root=self.root, port=self.ports.get("mongodb") or free_port())
         self.secrets_dir = self.root / "secrets"
 
     def start(self) -> None:

@@ -1,0 +1,43 @@
+# sensor-gateway: the commands README.md documents.
+#   make run          the whole pipeline locally (broker, databases, three daemons), data in ./var
+#   make test         the default test suite (real services on loopback)
+#   make test-systemd the units inside a real systemd (systemd-nspawn container)
+#   make e2e          Ansible deployment into a fresh container, end to end
+#   make bench        the benchmarks (one JSON line each)
+#   make lint         ruff and ansible-lint
+PY := .venv/bin/python
+
+.PHONY: deps deps-systemd deps-deploy run test test-systemd e2e bench lint clean
+
+deps:
+	.ci/install-deps.sh base
+
+deps-systemd:
+	.ci/install-deps.sh base systemd
+
+deps-deploy:
+	.ci/install-deps.sh base deploy
+
+run: deps
+	$(PY) -m sensor_gateway.localrun
+
+test: deps
+	$(PY) -m pytest
+
+test-systemd: deps-systemd
+	$(PY) -m pytest -m systemd tests/systemd tests/test_units_static.py -p no:cacheprovider
+
+e2e: deps-deploy
+	tests/e2e/run.sh
+
+bench: deps
+	$(PY) bench/ingest.py
+	$(PY) bench/api.py
+
+lint: deps-deploy
+	.venv/bin/ruff check sensor_gateway tests bench config
+	.venv/bin/ruff format --check sensor_gateway tests bench config
+	cd deploy/ansible && ../../.venv/bin/ansible-lint --profile production site.yml
+
+clean:
+	rm -rf var .pytest_cache
