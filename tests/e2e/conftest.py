@@ -9,9 +9,15 @@ from __future__ import annotations
 import pytest
 
 TIMINGS: dict[str, float] = {}
+# Lines worth showing after the run (e.g. the daemon's journal lines).
+NOTES: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if NOTES:
+        terminalreporter.section("e2e notes")
+        for line in NOTES:
+            terminalreporter.write_line(line)
     if not TIMINGS:
         return
     terminalreporter.section("e2e timings")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import TIMINGS
+from tests.e2e.conftest import NOTES, TIMINGS
 from tests.systemd import nspawn
 from tests.systemd.nspawn import Container, VethNet
 
@@ -53,7 +53,6 @@ NET = VethNet(os.environ.get("SG_E2E_NET", "10.213.7.0"))
 # modules); everything else it installs itself.
 ROOTFS_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "ca-certificates", "iproute2")
 DEP_WHEELS = REPO / ".cache" / "e2e-wheelhouse"
-GATEWAY_UNITS = ("sensor-ingest", "sensor-simulator", "sensor-api")
 BACKENDS = ("mosquitto", "redis-server", "ferretdb")
 API_PORT = 8000
 
@@ -140,6 +139,8 @@ class Deployment:
             "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORCE_COLOR": "0",
+            # Per-task timings in the playbook logs.
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
             "SG_E2E_PID": str(self.c.leader),
             "SG_WHEELHOUSE": str(self.wheelhouse),
             "SG_FERRETDB_BINARY": str(ferretdb_binary()),
@@ -163,7 +164,9 @@ class Deployment:
             rf"^{NAME}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", out, re.M
         )
         assert r.returncode == 0 and m, f"playbook ({label}) failed:\n{out[-6000:]}"
-        recap = dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups())))
+        recap = dict(
+            zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups()), strict=True)
+        )
         return out, recap
 
     def db(self, *ids: str) -> dict:
@@ -192,7 +195,8 @@ class Deployment:
         return (int(code) if code.isdigit() else 0), body
 
     def services(self) -> list[str]:
-        return [*BACKENDS, "sensor-ingest", "sensor-simulator", *(["sensor-api"] if self.api else [])]
+        api = ["sensor-api"] if self.api else []
+        return [*BACKENDS, "sensor-ingest", "sensor-simulator", *api]
 
 
 def ferretdb_binary() -> Path:
@@ -363,14 +367,14 @@ def test_journal_has_the_daemons_lines(dep: Deployment) -> None:
     own = [e for e in entries if e.get("_PID") != "1" and e.get("_COMM") != "systemd"]
     assert own, "journalctl -u sensor-ingest shows only systemd's own lines"
     dep.notes["journal_sample"] = [e.get("MESSAGE") for e in own[:5]]
-    print("\njournalctl -u sensor-ingest (daemon's first lines):")
-    for msg in dep.notes["journal_sample"]:
-        print("   ", msg)
+    NOTES.append("journalctl -u sensor-ingest, the daemon's first lines:")
+    NOTES.extend(f"    {msg}" for msg in dep.notes["journal_sample"])
 
 
 def test_second_run_changes_nothing(dep: Deployment) -> None:
     out, recap = dep.playbook("second run")
-    changed = re.findall(r"^changed: \[.*?\].*$|^TASK \[(.*)\]", out, re.M)
+    NOTES.append(f"second playbook run: {recap}")
+    changed = re.findall(r"^TASK \[([^\]]*)\][^\n]*\nchanged", out, re.M)
     assert recap["changed"] == 0, f"second run changed {recap['changed']} task(s): {changed}"
 
 
