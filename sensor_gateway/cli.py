@@ -185,9 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_api)
 
     s = sub.add_parser("stats", help="print the rolling averages published on MQTT")
-    s.add_argument(
-        "--follow", action="store_true", help="keep printing each message as it arrives"
-    )
+    s.add_argument("--follow", action="store_true", help="keep printing each message as it arrives")
     s.add_argument("--count", type=int, default=None, help="stop after N messages")
     s.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     s.set_defaults(func=cmd_stats)
