@@ -150,6 +150,8 @@ class Ingester:
                 return
             except storage.Unavailable as exc:
                 log.warning("MongoDB not reachable (%s); retrying in %.1fs", exc, delay)
+                # Not READY yet: `systemctl status` shows what start-up waits for.
+                self.notifier.status("waiting for MongoDB")
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, self.cfg.mqtt.reconnect_max_s)
 
@@ -167,6 +169,7 @@ class Ingester:
             session_properties(self.icfg.session_expiry_s, self.receive_maximum),
         )
         self.client.loop_start()
+        self.notifier.status(f"waiting for the MQTT subscription to {self.icfg.topic}")
         deadline = None if ready_timeout is None else time.monotonic() + ready_timeout
         while not self.subscribed.wait(0.5):
             if self.stop_event.is_set() or (deadline and time.monotonic() > deadline):

@@ -191,8 +191,13 @@ def test_active_only_after_ready(gw: Gateway, unit: str, backend: str, waiting: 
     # Running, but not ready: its back end is down.
     assert gw.state(unit) == "activating"
     assert gw.main_pid(unit)
-    if waiting:  # and it says what it waits for
+    if waiting:  # and says what it waits for, in the log and in `systemctl status`
         gw.c.wait_for(lambda: waiting in gw.journal(unit).lower(), 15, what=f"{waiting} named")
+        gw.c.wait_for(
+            lambda: f"waiting for {waiting}" in gw.prop(unit, "StatusText").lower(),
+            15,
+            what="STATUS= naming what it waits for",
+        )
     assert gw.state(unit) == "activating"
     unmask_and_start(gw, backend)
     gw.wait_state(unit, "active", 45)
