@@ -133,6 +133,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0 if printed or args.follow else 1
 
 
+def cmd_rebuild_rollups(args: argparse.Namespace) -> int:
+    from sensor_gateway import storage
+    from sensor_gateway.payload import Reject, parse_time
+
+    cfg = _load(args)
+    since = parse_time(args.since, "--since")
+    if isinstance(since, Reject):
+        print(f"sensor-gateway: {since.reason}", file=sys.stderr)
+        return 2
+    n = storage.rebuild_rollups(storage.connect(cfg, appname="sensor-gateway-cli"), since)
+    print(f"rebuilt rollups from {n} readings since {since.isoformat()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sensor-gateway",
@@ -163,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="run the ingester (MQTT → MongoDB + Redis)")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser(
+        "rebuild-rollups",
+        help="recompute per-minute rollups from readings (after a crash; ingester stopped)",
+    )
+    s.add_argument("--since", required=True, help="ISO 8601 time; minutes from here on")
+    s.set_defaults(func=cmd_rebuild_rollups)
 
     s = sub.add_parser("simulate", help="run the sensor simulator (publishes readings)")
     s.add_argument(

@@ -132,6 +132,29 @@ def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
     write_rollups(db, fold_rollups({}, docs))
 
 
+def rebuild_rollups(db: Database, since: datetime, chunk: int = 5000) -> int:
+    """Recompute rollups from readings for every minute from ``since`` on.
+
+    For repairs after a crash; run it with the ingester stopped, or its upserts
+    in the meantime are counted twice. Returns the readings folded.
+    """
+    start = minute_of(since)
+    db[ROLLUPS].delete_many({"minute": {"$gte": start}})
+    acc: RollupAcc = {}
+    n = 0
+    cursor = db[READINGS].find(
+        {"ts": {"$gte": start}}, {"sensor_id": 1, "kind": 1, "value": 1, "ts": 1}
+    )
+    for doc in cursor:
+        fold_rollups(acc, (doc,))
+        n += 1
+        if n % chunk == 0:
+            write_rollups(db, acc)
+            acc = {}
+    write_rollups(db, acc)
+    return n
+
+
 def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> None:
     if rejects:
         db[REJECTED].insert_many(rejects, ordered=False)
