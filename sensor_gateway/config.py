@@ -271,6 +271,13 @@ def validate(cfg: Config) -> None:
     positive("ingest.max_payload_bytes", cfg.ingest.max_payload_bytes)
     positive("ingest.latest_n", cfg.ingest.latest_n)
     positive("ingest.stats_interval_s", cfg.ingest.stats_interval_s)
+    positive("ingest.rollup_flush_s", cfg.ingest.rollup_flush_s)
+    positive("api.workers", cfg.api.workers)
+    positive("api.threads", cfg.api.threads)
+    if not 0 < cfg.api.max_limit <= 1000:
+        raise ConfigError(f"api.max_limit: must be 1-1000, got {cfg.api.max_limit}")
+    if cfg.api.cache_ttl_s < 0:
+        raise ConfigError(f"api.cache_ttl_s: must be >= 0, got {cfg.api.cache_ttl_s}")
     if cfg.ingest.batch_size * cfg.ingest.inflight_batches > 65535:
         raise ConfigError(
             "ingest.batch_size * ingest.inflight_batches: exceeds MQTT's Receive Maximum 65535"
