@@ -141,3 +141,19 @@ def test_sigterm_flushes_and_acks(gateway: Gateway) -> None:
     finish_publishing(sim, t, n)
     assert_exactly_once(gateway, sim.run_id, n)
     wait_for(lambda: rollup_total(gateway) == n, 20, what="rollups count each reading once")
+
+
+def test_receive_maximum_bounds_what_is_held_while_mongodb_is_down(
+    private_gateway: Gateway,
+) -> None:
+    gw = private_gateway
+    gw.set(ingest={"batch_size": 100, "inflight_batches": 2})
+    ing = gw.start_ingester()
+    gw.stack.mongo.stop()
+    sim = gw.publish(2000, rate=4000)  # the broker acknowledges and queues them
+    time.sleep(3)
+    held = ing.queue.qsize() + ing.counters.received
+    assert 0 < ing.queue.qsize() <= ing.receive_maximum, ing.queue.qsize()
+    assert held <= ing.receive_maximum
+    gw.stack.mongo.start()
+    assert_exactly_once(gw, sim.run_id, 2000)
