@@ -28,11 +28,14 @@ if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${want[@]}" >/dev/null
+  # Debian starts what it just installed where it can; the gateway runs its own
+  # instances on free ports, and `make run` wants 1883/6379 for itself.
+  for svc in mosquitto redis-server rabbitmq-server; do
+    if [[ " ${want[*]} " == *" $svc "* ]]; then
+      $SUDO service "$svc" stop >/dev/null 2>&1 || true
+    fi
+  done
 fi
-# Debian starts these on install where it can; the gateway runs its own instances.
-for svc in mosquitto redis-server rabbitmq-server; do
-  $SUDO service "$svc" stop >/dev/null 2>&1 || true
-done
 
 .ci/build-ferretdb.sh
 
