@@ -42,6 +42,9 @@ def connect(cfg: Config, **kwargs: Any) -> Database:
     if m.username:
         opts["username"] = m.username
         opts["password"] = cfg.secret(m.password_file)
+        # The gateway's user lives in its own database unless the URI says otherwise.
+        if "authsource=" not in m.uri.lower():
+            opts["authSource"] = m.database
     opts.update(kwargs)
     client: pymongo.MongoClient = pymongo.MongoClient(m.uri, **opts)
     # Journaled writes: an acknowledged MQTT message must survive a crash.
