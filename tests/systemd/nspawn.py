@@ -21,38 +21,49 @@ on the host (``debian_mirror()``), or ``$SG_DEBIAN_MIRROR``.
 Containers (booted from a throwaway copy; the cached tree is never changed)::
 
     with Container("sgtest", rootfs) as c:        # private network: loopback only
-        c.run("systemctl", "start", "mosquitto")  # CompletedProcess, check=True
+        c.run("systemctl", "start", "mosquitto")  # CompletedProcess; check=True raises
         c.systemctl("is-active", "mosquitto", check=False).stdout
-        c.put_file("/etc/foo.conf", "text", mode=0o644)
+        c.is_active("mosquitto"); c.show("mosquitto", "MainPID", "StatusText")
+        c.sh("echo hi > /tmp/x")                  # a sh -ec script; returns stdout
+        p = c.popen("long-command", env={...})    # subprocess.Popen, not waited for
+        c.put_file("/etc/foo.conf", "text", mode=0o644, owner="root:root")
         c.copy_in(host_path, "/opt/x")            # file or directory
+        c.host_path("/etc/foo.conf")              # the same file seen from the host
         c.journal("sensor-ingest", "-p", "warning")
         c.wait_for(lambda: ..., timeout=30, what="...")
 
     Container(name, rootfs, network="veth", veth=VethNet("10.231.7.0"), nat=True)
+    with booted("sgtest") as c: ...               # build_rootfs() + Container
 
 ``Container(...)`` parameters:
 
-- ``name``: machine name (also the host name); a per-container cgroup
-  ``nspawn-<name>`` is made under every host cgroup hierarchy so that two
-  containers can run at once, and removed on ``stop()``.
-- ``rootfs``: the cached tree; ``copy=True`` (default) boots a reflink/hard
-  copy made under ``workdir`` (default: a temp folder), ``copy=False`` boots
-  the tree itself (for building derived images).
+- ``name``: machine name, 1-11 of ``[a-z0-9-]`` (``ve-<name>`` must fit an
+  interface name); a cgroup ``nspawn-<name>`` is made under every host cgroup
+  hierarchy so that two containers can run at once, and removed on ``stop()``.
+  Use a name unique to the run (e.g. with the PID) when others may be running.
+- ``rootfs``: the cached tree; ``copy=True`` (default) boots a copy made under
+  ``workdir`` (default: a temp folder; reflinks where the file system has
+  them), ``copy=False`` boots the tree itself (to keep state across boots, or
+  to build a derived image: then pass a tree of your own, not the cache).
 - ``network``: ``"private"`` (``--private-network``: the container's services
   never take host ports), ``"veth"`` (``--network-veth``: a /30 on
   ``ve-<name>``/``host0``, see :class:`VethNet`; ``nat=True`` adds ip_forward
   plus an iptables MASQUERADE rule and the host's resolv.conf so apt works
-  inside, all undone on ``stop()``) or ``"host"`` (shares the host network).
+  inside, the rule removed on ``stop()``) or ``"host"`` (shares the host
+  network: services then take host ports).
 - ``binds`` / ``binds_ro``: ``{host_path: container_path}``.
 - ``extra_args``: more ``systemd-nspawn`` arguments.
+- ``boot_timeout``: seconds for PID 1 to appear and for the boot to finish.
 
 ``boot()`` (called by ``__enter__``) starts ``systemd-nspawn --register=no
 --keep-unit -b`` and waits until ``systemctl is-system-running`` answers
 ``running`` or ``degraded``. Commands enter the container with ``nsenter -a``
-at its PID 1 (``c.leader``); ``machinectl`` and ``systemctl -M`` do not work
-here. The console goes to ``<workdir>/console.log``. ``stop()`` powers the
-container off (``SIGRTMIN+4`` to its PID 1, then SIGKILL after a timeout),
-then removes the copy, cgroups, NAT rule and addresses it made.
+at its PID 1 (``c.leader``, a host PID); ``machinectl`` and ``systemctl -M``
+do not work here. The console goes to ``<workdir>/console.log``
+(``console_tail()``). ``stop()`` (``__exit__``) powers the container off
+(``SIGRTMIN+4`` to its PID 1, SIGKILL after a timeout), kills anything left
+in its cgroups, and removes the copy, the cgroups and the NAT rule;
+``SG_KEEP_CONTAINER=1`` keeps the workdir (console log) for a post-mortem.
 """
 
 from __future__ import annotations
