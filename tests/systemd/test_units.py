@@ -340,6 +340,8 @@ def test_api_serves_healthz_once_active(gw: Gateway) -> None:
     code, body = http_get(gw, "/readyz")
     assert code == 200, body
     assert "serving on" in gw.prop(API, "StatusText")
+    # Nothing in the sandbox trips gunicorn up (e.g. its control socket under ~).
+    assert "[ERROR]" not in gw.journal(API), gw.journal(API)
     # The watchdog keeps being fed: still the same process well past WatchdogSec/2.
     pid = gw.main_pid(API)
     time.sleep(12)
