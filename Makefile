@@ -25,7 +25,7 @@ test: deps
 	$(PY) -m pytest
 
 test-systemd: deps-systemd
-	$(PY) -m pytest -m systemd tests/systemd tests/test_units_static.py -p no:cacheprovider
+	tests/systemd/run.sh
 
 e2e: deps-deploy
 	tests/e2e/run.sh
