@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 def _tool(name: str) -> str:
     path = BIN / name if (BIN / name).exists() else shutil.which(name)
     if not path:
-        pytest.skip(f"{name} not installed (pip install -e '.[deploy]')")
+        pytest.fail(f"{name} not installed (pip install -e '.[deploy]'; make test does)")
     return str(path)
 
 

@@ -57,11 +57,6 @@ BACKENDS = ("mosquitto", "redis-server", "ferretdb")
 API_PORT = 8000
 
 
-def api_available() -> bool:
-    pkg = REPO / "sensor_gateway"
-    return (pkg / "api").is_dir() or (pkg / "api.py").is_file()
-
-
 # Reads the database as the gateway does (its venv, its credentials).
 DB_PROBE = r"""
 import json, sys, pymongo
@@ -94,7 +89,6 @@ class Deployment:
     root: Path
     wheelhouse: Path
     secrets: Path
-    api: bool
     container: Container | None = None
     boots: int = 0
     notes: dict = field(default_factory=dict)
@@ -144,7 +138,6 @@ class Deployment:
             "SG_E2E_PID": str(self.c.leader),
             "SG_WHEELHOUSE": str(self.wheelhouse),
             "SG_FERRETDB_BINARY": str(ferretdb_binary()),
-            "SG_E2E_API": "true" if self.api else "false",
         }
         cmd = [
             str(VENV_BIN / "ansible-playbook"),
@@ -195,8 +188,7 @@ class Deployment:
         return (int(code) if code.isdigit() else 0), body
 
     def services(self) -> list[str]:
-        api = ["sensor-api"] if self.api else []
-        return [*BACKENDS, "sensor-ingest", "sensor-simulator", *api]
+        return [*BACKENDS, "sensor-ingest", "sensor-simulator", "sensor-api"]
 
 
 def ferretdb_binary() -> Path:
@@ -270,10 +262,8 @@ def dep() -> Iterator[Deployment]:
     subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(root)], check=True)
     TIMINGS["fresh copy of the rootfs"] = time.monotonic() - t0
 
-    d = Deployment(
-        work=work, root=root, wheelhouse=wheelhouse, secrets=work / "secrets", api=api_available()
-    )
-    print(f"\ne2e work folder: {work} (API {'present' if d.api else 'not present yet'})")
+    d = Deployment(work=work, root=root, wheelhouse=wheelhouse, secrets=work / "secrets")
+    print(f"\ne2e work folder: {work}")
     try:
         d.boot()
         _, recap = d.playbook("first run")
@@ -306,7 +296,7 @@ def test_every_service_active(dep: Deployment) -> None:
         for line in listening.splitlines()
         if line.split()[3].rsplit(":", 1)[0] not in ("127.0.0.1", "[::1]", "::1")
     ]
-    allowed = {f"0.0.0.0:{API_PORT}"} if dep.api else set()
+    allowed = {f"0.0.0.0:{API_PORT}"}
     assert set(public) <= allowed, f"listening beyond loopback: {public}"
 
 
@@ -321,8 +311,6 @@ def test_readings_within_15s(dep: Deployment) -> None:
         time.sleep(0.5)
     TIMINGS["first reading in the database after the play"] = time.monotonic() - t0
     assert got.get("count", 0) > 0, f"no readings in the database 15 s after the play: {got}"
-    if not dep.api:
-        pytest.skip("sensor_gateway/api not in this checkout yet: database checked directly")
     body = ""
     while time.monotonic() < deadline:
         code, body = dep.curl("/readings?sensor_id=temp-1&limit=5")
@@ -402,10 +390,9 @@ def test_reboot_keeps_services_and_readings(dep: Deployment) -> None:
         interval=0.5,
         what="new readings after the reboot",
     )
-    if dep.api:
-        c.wait_for(
-            lambda: dep.curl("/readings?sensor_id=temp-1&limit=5")[0] == 200,
-            timeout=30,
-            interval=0.5,
-            what="the API after the reboot",
-        )
+    c.wait_for(
+        lambda: dep.curl("/readings?sensor_id=temp-1&limit=5")[0] == 200,
+        timeout=30,
+        interval=0.5,
+        what="the API after the reboot",
+    )
