@@ -38,6 +38,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from gunicorn.glogging import Logger as _GunicornLogger
+
 from sensor_gateway import config as _config
 from sensor_gateway import logs as _logs
 from sensor_gateway.notify import Notifier
@@ -60,6 +62,20 @@ control_socket_disable = True
 loglevel = _cfg.log.level
 errorlog = "-"
 accesslog = None
+
+
+class JournalLogger(_GunicornLogger):
+    """gunicorn's own lines get journald priority prefixes too, under systemd, so
+    ``journalctl -u sensor-api -p warning`` shows its warnings and errors."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if _logs.under_journald():
+            for handler in self.error_log.handlers:
+                handler.setFormatter(_logs.JournalFormatter())
+
+
+logger_class = JournalLogger
 
 log = logging.getLogger("sensor_gateway.api.gunicorn")
 
