@@ -109,27 +109,29 @@ def publish_backlog(cfg, n: int, run: str) -> None:
     )
 
 
+def timed_drain(cfg, client_id: str, manual_ack: bool, on_message, done: threading.Event) -> float:
+    """Seconds from connecting a subscriber to its backlog until ``done`` is set."""
+    t0 = time.perf_counter()
+    c = persistent_subscriber(cfg, client_id, manual_ack, on_message)
+    assert done.wait(600), f"{client_id} did not drain its backlog"
+    elapsed = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return elapsed
+
+
 def drain_bare(cfg, n: int) -> float:
     got = 0
     done = threading.Event()
-    first: list[float] = []
 
     def on_message(client, userdata, msg):
         nonlocal got
-        if not first:
-            first.append(time.perf_counter())
         json.loads(msg.payload)
         got += 1
         if got >= n:
             done.set()
 
-    t0 = time.perf_counter()
-    c = persistent_subscriber(cfg, "bench-bare", False, on_message)
-    assert done.wait(300), f"bare subscriber got {got} of {n}"
-    elapsed = time.perf_counter() - t0
-    c.disconnect()
-    c.loop_stop()
-    return n / elapsed
+    return n / timed_drain(cfg, "bench-bare", False, on_message, done)
 
 
 def drain_naive(cfg, n: int) -> float:
@@ -151,13 +153,7 @@ def drain_naive(cfg, n: int) -> float:
         if got >= n:
             done.set()
 
-    t0 = time.perf_counter()
-    c = persistent_subscriber(cfg, "bench-naive", True, on_message)
-    assert done.wait(600), f"naive subscriber stored {got} of {n}"
-    elapsed = time.perf_counter() - t0
-    c.disconnect()
-    c.loop_stop()
-    return n / elapsed
+    return n / timed_drain(cfg, "bench-naive", True, on_message, done)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -203,7 +199,7 @@ def main() -> None:
         def spawn(*a: str, log: str) -> subprocess.Popen:
             p = subprocess.Popen(
                 [sys.executable, "-m", "sensor_gateway", "-c", str(cfg_path), *a],
-                stdout=open(root / log, "wb"),
+                stdout=open(root / log, "wb"),  # noqa: SIM115 - the child owns it
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=REPO,
@@ -221,8 +217,11 @@ def main() -> None:
         db = storage.connect(cfg)
         r = cache.connect(cfg)
         keys = cache.Keys(cfg.redis.key_prefix)
-        services = {"mongodb": stack.mongo.proc.pid, "mosquitto": stack.mosquitto.proc.pid,
-                    "redis": stack.redis.proc.pid}
+        services = {
+            "mongodb": stack.mongo.proc.pid,
+            "mosquitto": stack.mosquitto.proc.pid,
+            "redis": stack.redis.proc.pid,
+        }
         cpu0 = {k: cpu_seconds(pid) for k, pid in services.items()}
         t0 = time.perf_counter()
         ing = spawn("ingest", log="ingest.log")
@@ -236,8 +235,9 @@ def main() -> None:
         ingest_rate = args.messages / drain_s
         # Where the time goes: CPU seconds each process used while draining, as a share
         # of the wall time (2 cores here: 2.0 is the whole machine).
-        cpu_share = {k: round((cpu_seconds(pid) - cpu0[k]) / drain_s, 2)
-                     for k, pid in services.items()}
+        cpu_share = {
+            k: round((cpu_seconds(pid) - cpu0[k]) / drain_s, 2) for k, pid in services.items()
+        }
         cpu_share["ingester"] = round(cpu_seconds(ing.pid) / drain_s, 2)
         ids = {d["_id"] for d in db.readings.find({"_id": {"$regex": f"^{run}-"}}, {"_id": 1})}
         lost = args.messages - len(ids)
@@ -294,7 +294,7 @@ def main() -> None:
                     "messages": args.messages,
                     "naive_messages": args.naive_messages,
                     "mongo_engine": stack.mongo.engine,
-            "cpu_cores_during_ingest": cpu_share,
+                    "cpu_cores_during_ingest": cpu_share,
                     "latency_mean_ms": round(statistics.fmean(lat), 1) if lat else None,
                 }
             )

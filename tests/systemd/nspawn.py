@@ -536,14 +536,9 @@ class Container:
         interval: float = 0.2,
         what: str = "condition",
     ) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = pred()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: timed out after {timeout}s waiting for {what}")
-            time.sleep(interval)
+        from tests.helpers import wait_for
+
+        return wait_for(pred, timeout, interval, f"{what} (in {self.name})")
 
     def console_tail(self, n: int = 4000) -> str:
         p = self.workdir / "console.log"
