@@ -72,8 +72,9 @@ class IngestConfig:
     session_expiry_s: int = 7 * 24 * 3600
     batch_size: int = 500
     batch_timeout_ms: int = 50
-    # Receive Maximum = batch_size * this: batches in flight while one is written.
-    inflight_batches: int = 2
+    # Receive Maximum = batch_size * this: one batch being written, one being
+    # acknowledged, one arriving.
+    inflight_batches: int = 3
     max_payload_bytes: int = 16384
     max_future_skew_s: float = 300.0
     latest_n: int = 10

@@ -6,10 +6,11 @@
 - validate: the payload contract (:mod:`sensor_gateway.payload`).
 - batch: up to ``batch_size`` messages or ``batch_timeout_ms`` after the first.
 - write: readings with ``insert_many(ordered=False)`` (a duplicate key is
-  success), rejects to ``rejected``, per-minute rollups; retried until MongoDB
-  answers, never acknowledged before. Then Redis (best effort: while Redis is
-  down ingestion goes on and the latest-N sets are rebuilt when it returns).
-- acknowledge: PUBACK for every message of the batch, only now.
+  success), rejects to ``rejected``, per-minute rollups (folded in memory,
+  upserted each second); retried until MongoDB answers, never acknowledged before.
+- acknowledge: in the finisher thread, overlapping the next batch's write:
+  Redis first (best effort: while Redis is down ingestion goes on and the
+  latest-N sets are rebuilt when it returns), then PUBACK for every message.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class Ingester:
         self._redis_retry_at = 0.0
         self._retention_at = 0.0
         self.pending_rollups: storage.RollupAcc = {}
+        # Batches written to MongoDB, waiting for Redis and their PUBACKs.
+        self.finishing: queue.Queue[tuple[list[Incoming], list[dict]] | None] = queue.Queue(1)
+        self._finisher: threading.Thread | None = None
         self._rollups_at = 0.0
         self.reject_log = RateLimitedLogger(log, self.icfg.reject_log_per_min)
         self.client = make_client(
@@ -306,11 +310,41 @@ class Ingester:
         return True
 
     # -- acknowledge -------------------------------------------------------------
+    # Redis and the PUBACKs run in a thread of their own (the finisher), after the
+    # batch is durably in MongoDB, so they overlap the next batch's MongoDB write.
 
     def acknowledge(self, batch: list[Incoming]) -> None:
         for m in batch:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)
+
+    def finish(self, batch: list[Incoming], new: list[dict]) -> None:
+        self.write_cache(new)
+        self.acknowledge(batch)
+
+    def _finisher_loop(self) -> None:
+        while True:
+            try:
+                item = self.finishing.get(timeout=1.0)
+            except queue.Empty:
+                if not self.redis_ok and self.redis_dirty:
+                    self.write_cache([])  # Redis may be back: rebuild what it missed
+                continue
+            if item is None:
+                return
+            self.finish(*item)
+
+    def _hand_to_finisher(self, batch: list[Incoming], new: list[dict]) -> None:
+        if self._finisher is None or not self._finisher.is_alive():
+            self.finish(batch, new)
+            return
+        while True:
+            try:
+                self.finishing.put((batch, new), timeout=1.0)
+                return
+            except queue.Full:
+                # A stuck finisher stops the whole loop, so the watchdog pings stop too.
+                continue
 
     # -- the loop ----------------------------------------------------------------
 
@@ -318,8 +352,7 @@ class Ingester:
         readings, rejects = self.validate(batch)
         new = self.write(readings, rejects)
         self._count(batch, new, rejects)
-        self.write_cache(new)
-        self.acknowledge(batch)
+        self._hand_to_finisher(batch, new)
 
     def _count(self, batch: list[Incoming], new: list[dict], rejects: list[dict]) -> None:
         c = self.counters
@@ -336,7 +369,7 @@ class Ingester:
         batch = self.collect()
         if batch:
             self.process(batch)
-        elif not self.redis_ok and self.redis_dirty:
+        elif self._finisher is None and not self.redis_ok and self.redis_dirty:
             self.write_cache([])
         self._housekeeping()
         # Progress: a batch finished, or nothing to do. A hung write never gets here.
@@ -375,11 +408,16 @@ class Ingester:
             self.stats_publisher.maybe_publish()
 
     def run(self) -> None:
+        self._finisher = threading.Thread(target=self._finisher_loop, name="finisher", daemon=True)
+        self._finisher.start()
         while not self.stop_event.is_set():
             try:
                 self.step()
             except storage.Unavailable:
                 break  # only raised while stopping: the batch stays unacked
+        self.finishing.put(None)
+        self._finisher.join()
+        self._finisher = None
         self.shutdown()
 
     def shutdown(self) -> None:
