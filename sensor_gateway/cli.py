@@ -147,6 +147,21 @@ def cmd_rebuild_rollups(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number above zero, or an error naming the value."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sensor-gateway",
@@ -188,11 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run the sensor simulator (publishes readings)")
     s.add_argument(
         "--rate",
-        type=float,
+        type=_positive(float),
         default=None,
         help="messages per second in total (default: each sensor's own schedule)",
     )
-    s.add_argument("--count", type=int, default=None, help="stop after N messages")
+    s.add_argument("--count", type=_positive(int), default=None, help="stop after N messages")
     s.add_argument("--seed", type=int, default=None, help="random seed for repeatable values")
     s.set_defaults(func=cmd_simulate)
 

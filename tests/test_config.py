@@ -128,3 +128,17 @@ def test_api_knobs_are_checked() -> None:
         config.build({"api": {"workers": 0}})
     with pytest.raises(config.ConfigError, match="api.max_limit: must be 1-1000"):
         config.build({"api": {"max_limit": 5000}})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "--rate", "-5"], "argument --rate: must be > 0, got -5"),
+        (["simulate", "--count", "many"], "argument --count: not a number: 'many'"),
+    ],
+)
+def test_bad_command_line_values_are_named(args: list[str], message: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "sensor_gateway", *args], capture_output=True, text=True, cwd=REPO
+    )
+    assert r.returncode == 2 and message in r.stderr, r.stderr
