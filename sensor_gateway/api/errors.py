@@ -90,22 +90,15 @@ def _http_error(error: HTTPError) -> Response:
 def register(app: APIFlask) -> None:
     app.error_processor(_http_error)
 
-    @app.errorhandler(PyMongoError)
-    def _mongo_down(exc: PyMongoError) -> Response:
-        log.warning("MongoDB error answering a request: %s", exc)
-        return problem(
-            503,
-            f"dependency mongodb unavailable: {type(exc).__name__}",
-            {"Retry-After": "5"},
-            dependency="mongodb",
-        )
+    app.register_error_handler(PyMongoError, lambda exc: _dependency_down("mongodb", exc))
+    app.register_error_handler(RedisError, lambda exc: _dependency_down("redis", exc))
 
-    @app.errorhandler(RedisError)
-    def _redis_down(exc: RedisError) -> Response:
-        log.warning("Redis error answering a request: %s", exc)
-        return problem(
-            503,
-            f"dependency redis unavailable: {type(exc).__name__}",
-            {"Retry-After": "5"},
-            dependency="redis",
-        )
+
+def _dependency_down(name: str, exc: Exception) -> Response:
+    log.warning("%s error answering a request: %s", name, exc)
+    return problem(
+        503,
+        f"dependency {name} unavailable: {type(exc).__name__}",
+        {"Retry-After": "5"},
+        dependency=name,
+    )
