@@ -45,6 +45,8 @@ class Incoming:
     payload: bytes
     received: datetime
     received_mono: float
+    # Which MQTT connection delivered it (see Ingester.acknowledge).
+    connection: int
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Ingester:
         self.queue: queue.Queue[Incoming] = queue.Queue()
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
+        self.connection = 0
         self.db: Database = storage.connect(cfg, appname="sensor-ingest")
         self.redis = cache.connect(cfg)
         self.keys = cache.Keys(cfg.redis.key_prefix)
@@ -118,6 +121,7 @@ class Ingester:
         if reason_code.is_failure:
             log.error("MQTT connect refused: %s", reason_code)
             return
+        self.connection += 1
         resumed = getattr(flags, "session_present", False)
         log.info(
             "MQTT connected to %s:%s (session %s)",
@@ -140,7 +144,15 @@ class Ingester:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self.queue.put(
-            Incoming(msg.mid, msg.qos, msg.topic, msg.payload, datetime.now(UTC), time.monotonic())
+            Incoming(
+                msg.mid,
+                msg.qos,
+                msg.topic,
+                msg.payload,
+                datetime.now(UTC),
+                time.monotonic(),
+                self.connection,
+            )
         )
 
     # -- start-up ----------------------------------------------------------------
@@ -314,8 +326,12 @@ class Ingester:
     # batch is durably in MongoDB, so they overlap the next batch's MongoDB write.
 
     def acknowledge(self, batch: list[Incoming]) -> None:
+        # A message from an earlier connection is not acknowledged: the broker
+        # redelivers it on the resumed session (we dedupe it), and its packet id
+        # may meanwhile name another message, which a stale PUBACK would drop.
+        current = self.connection
         for m in batch:
-            if m.qos > 0:
+            if m.qos > 0 and m.connection == current:
                 self.client.ack(m.mid, m.qos)
 
     def finish(self, batch: list[Incoming], new: list[dict]) -> None:
