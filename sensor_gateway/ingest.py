@@ -385,8 +385,6 @@ class Ingester:
         batch = self.collect()
         if batch:
             self.process(batch)
-        elif self._finisher is None and not self.redis_ok and self.redis_dirty:
-            self.write_cache([])
         self._housekeeping()
         # Progress: a batch finished, or nothing to do. A hung write never gets here.
         self.notifier.progress()
@@ -440,16 +438,7 @@ class Ingester:
         """Flush what was received, acknowledge it, then leave the broker."""
         self.notifier.stopping()
         drained = 0
-        while True:
-            try:
-                batch = [self.queue.get_nowait()]
-            except queue.Empty:
-                break
-            while len(batch) < self.icfg.batch_size:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
+        while batch := self.collect(idle_timeout=0):
             try:
                 self.process(batch)
                 drained += len(batch)

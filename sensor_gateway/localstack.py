@@ -119,10 +119,6 @@ class Service:
         self.stop()
         self.start()
 
-    def log_text(self) -> str:
-        p = self.dir / "service.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
 
 @dataclass(kw_only=True)
 class Mosquitto(Service):

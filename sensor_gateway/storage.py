@@ -141,10 +141,6 @@ def write_rollups(db: Database, acc: RollupAcc) -> None:
     db[ROLLUPS].bulk_write(ops, ordered=False)
 
 
-def update_rollups(db: Database, docs: Iterable[dict[str, Any]]) -> None:
-    write_rollups(db, fold_rollups({}, docs))
-
-
 def rebuild_rollups(db: Database, since: datetime, chunk: int = 5000) -> int:
     """Recompute rollups from readings for every minute from ``since`` on.
 

@@ -168,10 +168,7 @@ class Gateway:
 
     def publish_async(self, count: int, rate: float) -> tuple[Simulator, threading.Thread]:
         sim = self.simulator()
-        result: dict[str, int] = {}
-        t = threading.Thread(
-            target=lambda: result.setdefault("acked", sim.run(rate, count)), daemon=True
-        )
+        t = threading.Thread(target=sim.run, args=(rate, count), daemon=True)
         t.start()
         return sim, t
 

@@ -94,10 +94,6 @@ class LatestQuery(Schema):
     )
 
 
-class SensorPath(Schema):
-    sensor_id = sensor_id_field(required=True)
-
-
 class AveragesQuery(Schema):
     sensor_id = sensor_id_field()
     kind = sensor_id_field()
