@@ -266,7 +266,9 @@ def main() -> None:
             k: round((cpu_seconds(pid) - cpu0[k]) / drain_s, 2) for k, pid in services.items()
         }
         cpu_share["ingester"] = round(cpu_seconds(ing.pid) / drain_s, 2)
-        ids = {d["_id"] for d in db.readings.find({"_id": {"$regex": f"^{run}-"}}, {"_id": 1})}
+        ids = {
+            d["msg_id"] for d in db.readings.find({"msg_id": {"$regex": f"^{run}-"}}, {"msg_id": 1})
+        }
         lost = args.messages - len(ids)
         stored_docs = db.readings.count_documents({})
 

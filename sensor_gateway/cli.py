@@ -68,13 +68,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
         ingester.stats_publisher = StatsPublisher.for_client(cfg, ingester.db, ingester.client)
     _on_signals(ingester.stop)
-    if not ingester.start():
+    from sensor_gateway.ingest import EXIT_PERMANENT
+    from sensor_gateway.storage import PermanentError
+
+    try:
+        started = ingester.start()
+    except PermanentError as exc:
+        ingester.give_up(exc)
+        return EXIT_PERMANENT
+    if not started:
         ingester.shutdown()
         return 0
     # READY only now: MongoDB answered, Redis was tried, the subscription is acknowledged.
     notifier.ready(ingester.counters.status_line(0))
     ingester.run()
-    return 0
+    # A permanent database error: a non-zero exit that the unit does not restart.
+    return EXIT_PERMANENT if ingester.fatal else 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -75,8 +75,12 @@ class IngestConfig:
     # Receive Maximum = batch_size * this: one batch being written, one being
     # acknowledged, one arriving.
     inflight_batches: int = 3
+    # Larger payloads are rejects; keep equal to the broker's message_size_limit.
     max_payload_bytes: int = 16384
     max_future_skew_s: float = 300.0
+    # With per-device broker credentials (ACL `pattern write sensors/+/%u`): the
+    # topic's third level is the sensor id and a payload claiming another is a reject.
+    topic_identity: bool = False
     latest_n: int = 10
     # Rollup upserts are folded in memory and written this often: one upsert per
     # sensor-minute instead of one per batch. A crash loses at most this much of the

@@ -1,40 +1,57 @@
 """The ingester: receive → validate → batch → write → acknowledge.
 
 - receive: paho's network thread puts each QoS 1 message on a queue, unacked.
-  MQTT 5 Receive Maximum (batch_size * inflight_batches) bounds that queue,
-  so memory stays bounded whatever the broker holds for us.
-- validate: the payload contract (:mod:`sensor_gateway.payload`).
+  MQTT 5 Receive Maximum (batch_size * inflight_batches) and Maximum Packet
+  Size bound that queue in messages and in bytes, whatever the broker holds.
+- validate: the payload contract (:mod:`sensor_gateway.payload`), one message
+  at a time: whatever happens to one message makes it a reject, never stops
+  the loop (:func:`validate_batch`).
 - batch: up to ``batch_size`` messages or ``batch_timeout_ms`` after the first.
 - write: readings with ``insert_many(ordered=False)`` (a duplicate key is
-  success), rejects to ``rejected``, per-minute rollups (folded in memory,
-  upserted each second); retried until MongoDB answers, never acknowledged before.
+  success, a document the server refuses becomes a reject), rejects to
+  ``rejected``, per-minute rollups (folded in memory, upserted each second).
+  Errors are classified (:func:`storage.classify`): transient ones hold the
+  batch unacknowledged and retry; permanent ones (credentials, rights) stop
+  the ingester with exit status 78, so systemd shows the unit failed.
 - acknowledge: in the finisher thread, overlapping the next batch's write:
   Redis first (best effort: while Redis is down ingestion goes on and the
   latest-N sets are rebuilt when it returns), then PUBACK for every message.
+
+Stopping (SIGTERM): take no new messages (those the broker sends meanwhile
+stay unacknowledged in our session and come back next time), write and
+acknowledge what is held, then disconnect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from pymongo.database import Database
-from redis.exceptions import RedisError
 
 from sensor_gateway import cache, storage
 from sensor_gateway.config import Config
-from sensor_gateway.logs import RateLimitedLogger
+from sensor_gateway.logs import RateLimitedLogger, TracebackOnce
 from sensor_gateway.mqtt import connect_async, make_client, session_properties
 from sensor_gateway.notify import Notifier
 from sensor_gateway.payload import Limits, Reject, parse
 
 log = logging.getLogger("sensor_gateway.ingest")
+log_unexpected = TracebackOnce(log)
+
+# Exit status of a permanent database error (sysexits' EX_CONFIG); the unit's
+# RestartPreventExitStatus= keeps systemd from restarting into the same wall.
+EXIT_PERMANENT = 78
+# Bytes a PUBLISH may carry beyond its payload (topic, properties) before the
+# broker stops delivering it to us; see mqtt.session_properties.
+PACKET_OVERHEAD = 4096
 
 
 @dataclass(slots=True)
@@ -50,6 +67,57 @@ class Incoming:
 
 
 @dataclass
+class Validated:
+    """One batch after validation: each message is one of the three."""
+
+    readings: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    # The same reading twice in one batch (a broker redelivery).
+    duplicates: int = 0
+
+
+def reject_doc(m: Incoming, reason: str, keep_bytes: int) -> dict[str, Any]:
+    return {
+        "topic": m.topic,
+        "payload": m.payload[:keep_bytes].decode("utf-8", errors="replace"),
+        "payload_bytes": len(m.payload),
+        "reason": reason,
+        "received_at": m.received,
+    }
+
+
+def validate_batch(batch: list[Incoming], limits: Limits, reject_payload_bytes: int) -> Validated:
+    """The validate stage; pure, and no message can make it raise."""
+    out = Validated()
+    seen: set[Any] = set()
+    for m in batch:
+        try:
+            doc = parse(m.topic, m.payload, m.received, limits, m.mid)
+        except Exception as exc:  # noqa: BLE001 - parse is total; this is the last guard
+            log_unexpected(exc, "bug: validating a message on %r raised", m.topic)
+            doc = Reject(f"internal error while validating: {type(exc).__name__}")
+        if isinstance(doc, Reject):
+            out.rejects.append(reject_doc(m, doc.reason, reject_payload_bytes))
+        elif "_id" in doc and doc["_id"] in seen:
+            out.duplicates += 1
+        else:
+            if "_id" in doc:
+                seen.add(doc["_id"])
+            out.readings.append(doc)
+    return out
+
+
+def refused_doc(doc: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A reading the database refused, kept whole as a reject."""
+    return {
+        "topic": doc.get("topic", ""),
+        "payload": repr({k: v for k, v in doc.items() if k != "received_at"})[:16384],
+        "reason": reason,
+        "received_at": doc.get("received_at", datetime.now(UTC)),
+    }
+
+
+@dataclass
 class Counters:
     received: int = 0
     stored: int = 0
@@ -61,6 +129,12 @@ class Counters:
     lag_ms_last: float = 0.0
     mongo_retries: int = 0
     redis_errors: int = 0
+    # Held from an earlier connection of a resumed session: the broker sends them again.
+    dropped_stale: int = 0
+    # Arrived while stopping: left unacknowledged in our session for next time.
+    left_to_broker: int = 0
+    # Rejects the database would not store either (each logged at error).
+    rejects_unstored: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -77,12 +151,18 @@ class Ingester:
         self.cfg = cfg
         self.icfg = cfg.ingest
         self.notifier = notifier or Notifier()
-        self.limits = Limits(self.icfg.max_payload_bytes, self.icfg.max_future_skew_s)
+        self.limits = Limits(
+            self.icfg.max_payload_bytes, self.icfg.max_future_skew_s, self.icfg.topic_identity
+        )
         self.counters = Counters()
         self.queue: queue.Queue[Incoming] = queue.Queue()
         self.stop_event = threading.Event()
+        # Set first when stopping: from then on no new message is taken.
+        self.draining = threading.Event()
         self.subscribed = threading.Event()
         self.connection = 0
+        # Why the ingester gave up (a permanent database error), if it did.
+        self.fatal: str | None = None
         self.db: Database = storage.connect(cfg, appname="sensor-ingest")
         self.redis = cache.connect(cfg)
         self.keys = cache.Keys(cfg.redis.key_prefix)
@@ -117,12 +197,20 @@ class Ingester:
     def receive_maximum(self) -> int:
         return self.icfg.batch_size * self.icfg.inflight_batches
 
+    @property
+    def maximum_packet_size(self) -> int:
+        return self.icfg.max_payload_bytes + PACKET_OVERHEAD
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("MQTT connect refused: %s", reason_code)
             return
         self.connection += 1
-        resumed = getattr(flags, "session_present", False)
+        resumed = bool(getattr(flags, "session_present", False))
+        if resumed:
+            # What an earlier connection delivered and we have not taken yet comes
+            # again on this resumed session: holding it too would pile up copies.
+            self.counters.dropped_stale += self._purge_queue()
         log.info(
             "MQTT connected to %s:%s (session %s)",
             self.cfg.mqtt.host,
@@ -130,6 +218,15 @@ class Ingester:
             "resumed" if resumed else "new",
         )
         client.subscribe(self.icfg.topic, qos=1)
+
+    def _purge_queue(self) -> int:
+        n = 0
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return n
+            n += 1
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -143,17 +240,28 @@ class Ingester:
             log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self.queue.put(
-            Incoming(
-                msg.mid,
-                msg.qos,
-                msg.topic,
-                msg.payload,
-                datetime.now(UTC),
-                time.monotonic(),
-                self.connection,
+        # Runs in paho's network thread: an exception here would end that thread.
+        if self.draining.is_set():
+            self.counters.left_to_broker += 1
+            return
+        try:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:  # the broker should not let such a topic through
+                topic = msg._topic.decode("utf-8", errors="replace")
+            self.queue.put(
+                Incoming(
+                    msg.mid,
+                    msg.qos,
+                    topic,
+                    msg.payload,
+                    datetime.now(UTC),
+                    time.monotonic(),
+                    self.connection,
+                )
             )
-        )
+        except Exception as exc:  # noqa: BLE001 - unacked, so the broker sends it again
+            log_unexpected(exc, "bug: receiving a message raised")
 
     # -- start-up ----------------------------------------------------------------
 
@@ -165,6 +273,8 @@ class Ingester:
                 storage.ensure_indexes(self.db)
                 return
             except storage.Unavailable as exc:
+                if storage.classify(exc) == storage.PERMANENT:
+                    raise storage.PermanentError(str(exc)) from exc
                 log.warning("MongoDB not reachable (%s); retrying in %.1fs", exc, delay)
                 # Not READY yet: `systemctl status` shows what start-up waits for.
                 self.notifier.status("waiting for MongoDB")
@@ -172,17 +282,21 @@ class Ingester:
                 delay = min(delay * 2, self.cfg.mqtt.reconnect_max_s)
 
     def start(self, ready_timeout: float | None = None) -> bool:
-        """Connect everything; returns once subscribed (or False if stopped first)."""
+        """Connect everything; returns once subscribed (or False if stopped first).
+
+        Raises storage.PermanentError when MongoDB refuses our credentials."""
         self.wait_for_mongo()
         try:
             self.redis.ping()
-        except RedisError as exc:
+        except Exception as exc:  # noqa: BLE001 - any Redis failure: ingest without it
             log.warning("Redis not reachable (%s); ingesting without it", exc)
             self._redis_down()
         connect_async(
             self.client,
             self.cfg,
-            session_properties(self.icfg.session_expiry_s, self.receive_maximum),
+            session_properties(
+                self.icfg.session_expiry_s, self.receive_maximum, self.maximum_packet_size
+            ),
         )
         self.client.loop_start()
         self.notifier.status(f"waiting for the MQTT subscription to {self.icfg.topic}")
@@ -190,7 +304,12 @@ class Ingester:
         while not self.subscribed.wait(0.5):
             if self.stop_event.is_set() or (deadline and time.monotonic() > deadline):
                 return False
-        log.info("subscribed to %r, receive maximum %d", self.icfg.topic, self.receive_maximum)
+        log.info(
+            "subscribed to %r, receive maximum %d, maximum packet size %d",
+            self.icfg.topic,
+            self.receive_maximum,
+            self.maximum_packet_size,
+        )
         return True
 
     # -- batch -------------------------------------------------------------------
@@ -214,68 +333,65 @@ class Ingester:
 
     # -- validate ----------------------------------------------------------------
 
-    def validate(self, batch: list[Incoming]) -> tuple[list[dict], list[dict]]:
-        readings: list[dict] = []
-        rejects: list[dict] = []
-        seen: set[Any] = set()
-        for m in batch:
-            doc = parse(m.topic, m.payload, m.received, self.limits)
-            if isinstance(doc, Reject):
-                rejects.append(self._reject_doc(m, doc.reason))
-            elif "_id" in doc and doc["_id"] in seen:
-                # The same reading twice in one batch (a broker redelivery).
-                self.counters.duplicates += 1
-            else:
-                if "_id" in doc:
-                    seen.add(doc["_id"])
-                readings.append(doc)
-        return readings, rejects
-
-    def _reject_doc(self, m: Incoming, reason: str) -> dict[str, Any]:
-        raw = m.payload[: self.icfg.reject_payload_bytes]
-        self.reject_log.warning("rejected message on %r: %s", m.topic, reason)
-        return {
-            "topic": m.topic,
-            "payload": raw.decode("utf-8", errors="replace"),
-            "payload_bytes": len(m.payload),
-            "reason": reason,
-            "received_at": m.received,
-        }
+    def validate(self, batch: list[Incoming]) -> Validated:
+        v = validate_batch(batch, self.limits, self.icfg.reject_payload_bytes)
+        self.counters.duplicates += v.duplicates
+        for r in v.rejects:
+            self.reject_log.warning("rejected message on %r: %s", r["topic"], r["reason"])
+        return v
 
     # -- write -------------------------------------------------------------------
 
-    def write(self, readings: list[dict], rejects: list[dict]) -> list[dict]:
-        """Store until MongoDB accepts; returns the readings that were new."""
+    def write(self, v: Validated) -> list[dict]:
+        """Store until MongoDB accepts; returns the readings that were new.
+
+        Raises storage.PermanentError when no retry can help, and the last
+        transient error when stopping while MongoDB is down (the batch then stays
+        unacknowledged and the broker redelivers it to our session later).
+        """
         delay = 0.2
-        new: list[dict] | None = None
+        inserted: storage.Inserted | None = None
         while True:
             try:
-                if new is None:
-                    new, dups = storage.insert_readings(self.db, readings)
-                    self.counters.duplicates += dups
+                if inserted is None:
+                    inserted = storage.insert_readings(self.db, v.readings)
+                    self.counters.duplicates += inserted.duplicates
+                    for doc, reason in inserted.refused:
+                        self.reject_log.warning("reading refused on %r: %s", doc["topic"], reason)
+                        v.rejects.append(refused_doc(doc, reason))
                     # Rollups only for new readings, so a redelivery is not counted twice.
-                    storage.fold_rollups(self.pending_rollups, new)
-                storage.insert_rejects(self.db, rejects)
-                return new
-            except storage.Unavailable as exc:
-                self.counters.mongo_retries += 1
-                if self.counters.mongo_retries % 10 == 1:
-                    log.warning(
-                        "MongoDB write failed (%s); batch of %d held unacknowledged, retrying",
-                        exc,
-                        len(readings) + len(rejects),
-                    )
-                # Still alive, waiting on the database: the watchdog keeps quiet.
-                self.notifier.progress()
-                self.notifier.status(
-                    f"MongoDB unavailable, holding {len(readings)} readings; "
-                    + self.counters.status_line(self.queue.qsize())
-                )
+                    storage.fold_rollups(self.pending_rollups, inserted.new)
+                for doc, reason in storage.insert_rejects(self.db, v.rejects):
+                    self.counters.rejects_unstored += 1
+                    log.error("reject not stored (%s): %r", reason, doc)
+                return inserted.new
+            except Exception as exc:  # noqa: BLE001 - classified right here
+                kind = storage.classify(exc)
+                if kind == storage.PERMANENT:
+                    raise storage.PermanentError(f"{type(exc).__name__}: {exc}") from exc
+                if kind == storage.DOCUMENT:
+                    # Documents at fault are isolated inside the storage calls; a
+                    # whole write failing here is the server failing: hold and retry.
+                    log_unexpected(exc, "MongoDB write failed unexpectedly; holding the batch")
+                self._hold(exc, len(v.readings) + len(v.rejects))
                 if self.stop_event.wait(delay):
-                    # Stopping with MongoDB down: the batch stays unacknowledged and
-                    # the broker redelivers it to our session later.
                     raise
                 delay = min(delay * 2, 5.0)
+
+    def _hold(self, exc: BaseException, held: int) -> None:
+        self.counters.mongo_retries += 1
+        if self.counters.mongo_retries % 10 == 1:
+            log.warning(
+                "MongoDB write failed (%s); batch of %d held unacknowledged, retrying",
+                exc,
+                held,
+            )
+        # Still alive, waiting on the database: the watchdog keeps quiet.
+        self.notifier.progress()
+        self.notifier.status(
+            f"MongoDB unavailable, holding {held} messages; "
+            + self.counters.status_line(self.queue.qsize())
+        )
 
     def write_cache(self, new: list[dict]) -> None:
         now = time.monotonic()
@@ -289,7 +405,7 @@ class Ingester:
             cache.store_latest(
                 self.redis, self.keys, new, self.icfg.latest_n, counters=self.counters.as_dict()
             )
-        except RedisError as exc:
+        except Exception as exc:  # noqa: BLE001 - Redis is best effort; never blocks acks
             log.warning("Redis write failed (%s); continuing without it", exc)
             self.redis_dirty.update(d["sensor_id"] for d in new)
             self._redis_down()
@@ -312,7 +428,7 @@ class Ingester:
                     storage.latest_for_sensor(self.db, sensor_id, n),
                 )
             cache.replace_latest(self.redis, self.keys, None, storage.latest_overall(self.db, n))
-        except (RedisError, storage.Unavailable) as exc:
+        except Exception as exc:  # noqa: BLE001 - Redis or MongoDB away: try again later
             log.debug("Redis still unavailable: %s", exc)
             self._redis_retry_at = time.monotonic() + 2.0
             return False
@@ -348,7 +464,10 @@ class Ingester:
                 continue
             if item is None:
                 return
-            self.finish(*item)
+            try:
+                self.finish(*item)
+            except Exception as exc:  # noqa: BLE001 - a dead finisher would stop all acks
+                log_unexpected(exc, "bug: finishing a batch raised")
 
     def _hand_to_finisher(self, batch: list[Incoming], new: list[dict]) -> None:
         if self._finisher is None or not self._finisher.is_alive():
@@ -365,9 +484,9 @@ class Ingester:
     # -- the loop ----------------------------------------------------------------
 
     def process(self, batch: list[Incoming]) -> None:
-        readings, rejects = self.validate(batch)
-        new = self.write(readings, rejects)
-        self._count(batch, new, rejects)
+        v = self.validate(batch)
+        new = self.write(v)
+        self._count(batch, new, v.rejects)
         self._hand_to_finisher(batch, new)
 
     def _count(self, batch: list[Incoming], new: list[dict], rejects: list[dict]) -> None:
@@ -397,7 +516,9 @@ class Ingester:
         try:
             storage.write_rollups(self.db, self.pending_rollups)
             self.pending_rollups = {}
-        except storage.Unavailable as exc:
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            if storage.classify(exc) == storage.PERMANENT:
+                raise storage.PermanentError(f"{type(exc).__name__}: {exc}") from exc
             # Kept and merged with what follows; written when MongoDB answers.
             log.warning("rollup write failed (%s); will retry", exc)
 
@@ -419,30 +540,50 @@ class Ingester:
             except storage.Unavailable as exc:
                 log.warning("retention delete failed: %s", exc)
         if self.stats_publisher is not None:
-            self.stats_publisher.maybe_publish()
+            try:
+                self.stats_publisher.maybe_publish()
+            except Exception as exc:  # noqa: BLE001 - statistics never stop ingestion
+                log_unexpected(exc, "publishing statistics raised")
 
     def run(self) -> None:
         self._finisher = threading.Thread(target=self._finisher_loop, name="finisher", daemon=True)
         self._finisher.start()
-        while not self.stop_event.is_set():
-            try:
-                self.step()
-            except storage.Unavailable:
-                break  # only raised while stopping: the batch stays unacked
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.step()
+                except storage.PermanentError:
+                    raise
+                except storage.Unavailable:
+                    break  # only raised while stopping: the batch stays unacked
+        except storage.PermanentError as exc:
+            self.give_up(exc)
         self.finishing.put(None)
         self._finisher.join()
         self._finisher = None
         self.shutdown()
 
+    def give_up(self, exc: BaseException) -> None:
+        """A permanent database error: say why where an operator looks, then stop."""
+        self.fatal = str(exc)
+        log.error(
+            "MongoDB refuses the ingester (%s); not retrying: fix the credentials or "
+            "rights (mongodb.username, mongodb.password_file) and start the service again",
+            exc,
+        )
+        self.notifier.status(f"failed: MongoDB refuses the ingester: {exc}")
+        self.stop()
+
     def shutdown(self) -> None:
-        """Flush what was received, acknowledge it, then leave the broker."""
+        """Write and acknowledge what was taken, then leave the broker."""
+        self.draining.set()
         self.notifier.stopping()
         drained = 0
-        while batch := self.collect(idle_timeout=0):
+        while not self.fatal and (batch := self.collect(idle_timeout=0)):
             try:
                 self.process(batch)
                 drained += len(batch)
-            except storage.Unavailable as exc:
+            except Exception as exc:  # noqa: BLE001 - stopping: the broker keeps the rest
                 log.warning(
                     "MongoDB unavailable while stopping (%s); %d messages left "
                     "to the broker for redelivery",
@@ -450,12 +591,22 @@ class Ingester:
                     len(batch) + self.queue.qsize(),
                 )
                 break
-        self.flush_rollups()
-        # Let paho send the PUBACKs before the DISCONNECT.
-        time.sleep(0.2)
+        with contextlib.suppress(storage.PermanentError):  # already said why
+            self.flush_rollups()
+        # The PUBACKs must leave before the DISCONNECT.
+        deadline = time.monotonic() + 2.0
+        while self.client.want_write() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.client.disconnect()
         self.client.loop_stop()
-        log.info("stopped after flushing %d messages: %s", drained, self.counters.status_line(0))
+        log.info(
+            "stopped after flushing %d messages (%d left to the broker): %s",
+            drained,
+            self.counters.left_to_broker,
+            self.counters.status_line(0),
+        )
 
     def stop(self) -> None:
+        # Order matters: no new message is taken from here on.
+        self.draining.set()
         self.stop_event.set()

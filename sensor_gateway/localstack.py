@@ -38,6 +38,9 @@ topic write stats/#
 
 user sensor-api
 topic read stats/#
+
+# Per-device credentials: a device (user = its sensor id) writes its own topic only.
+pattern write sensors/+/%u
 """
 
 
@@ -124,10 +127,13 @@ class Service:
 class Mosquitto(Service):
     name: str = "mosquitto"
     passwords: dict[str, str] = field(default_factory=dict)
+    # Devices with credentials of their own (user name = sensor id).
+    device_users: tuple[str, ...] = ()
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.passwords = {u: secrets.token_urlsafe(16) for u in MQTT_USERS}
+        users = (*MQTT_USERS, *self.device_users)
+        self.passwords = {u: secrets.token_urlsafe(16) for u in users}
         pwfile = self.dir / "passwd"
         pwfile.write_text("")
         for user, pw in self.passwords.items():
@@ -208,11 +214,14 @@ def find_ferretdb() -> str | None:
 
 @dataclass(kw_only=True)
 class MongoServer(Service):
-    """``mongod`` from PATH if present, else FerretDB (SQLite backend)."""
+    """``mongod`` from PATH if present, else FerretDB (SQLite backend).
+
+    With ``auth`` = (database, user, password) the server requires that user."""
 
     name: str = "mongodb"
     debug_port: int = field(default_factory=free_port)
     engine: str = ""
+    auth: tuple[str, str, str] | None = None
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +247,15 @@ class MongoServer(Service):
                 "--bind_ip",
                 "127.0.0.1",
                 "--quiet",
+                *(["--auth"] if self.auth and (self.dir / ".user-created").exists() else []),
+            ]
+        auth = []
+        if self.auth:
+            database, user, _ = self.auth
+            auth = [
+                "--test-enable-new-auth",
+                f"--setup-database={database}",
+                f"--setup-username={user}",
             ]
         return [
             find_ferretdb() or "ferretdb",
@@ -248,7 +266,25 @@ class MongoServer(Service):
             f"--state-dir={self.dir}",
             "--telemetry=disable",
             "--log-level=warn",
+            *auth,
         ]
+
+    def env(self) -> dict[str, str] | None:
+        if self.auth and self.engine == "ferretdb":
+            # FerretDB creates the user from this on its first start.
+            return {**os.environ, "FERRETDB_SETUP_PASSWORD": self.auth[2]}
+        return None
+
+    def start(self) -> None:
+        super().start()
+        if self.auth and self.engine == "mongod" and not (self.dir / ".user-created").exists():
+            import pymongo  # only here: the local stack itself needs no driver
+
+            database, user, password = self.auth
+            with pymongo.MongoClient(self.uri) as c:
+                c[database].command("createUser", user, pwd=password, roles=["readWrite"])
+            (self.dir / ".user-created").touch()
+            self.restart()  # now with --auth
 
     @property
     def uri(self) -> str:

@@ -83,3 +83,24 @@ class RateLimitedLogger:
             self.logger.warning(msg, *args)
         else:
             self._suppressed += 1
+
+
+class TracebackOnce:
+    """Logs an unexpected exception with its traceback the first time each kind
+    (type and place raised) is seen, and in one line after that."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._seen: set[tuple[str, str, int]] = set()
+
+    def __call__(self, exc: BaseException, msg: str, *args: object) -> None:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb else ("?", 0)
+        kind = (type(exc).__name__, *where)
+        if kind in self._seen:
+            self.logger.error(msg + " (%s: %s)", *args, type(exc).__name__, exc)
+            return
+        self._seen.add(kind)
+        self.logger.error(msg, *args, exc_info=exc)

@@ -54,9 +54,19 @@ def connect_async(client: mqtt.Client, cfg: Config, properties: Properties | Non
         client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=cfg.mqtt.keepalive)
 
 
-def session_properties(session_expiry_s: int, receive_maximum: int) -> Properties:
-    """CONNECT properties of a persistent session with our own in-flight window."""
+def session_properties(
+    session_expiry_s: int, receive_maximum: int, maximum_packet_size: int | None = None
+) -> Properties:
+    """CONNECT properties of a persistent session with our own in-flight window.
+
+    Receive Maximum bounds how many messages the broker has in flight to us;
+    Maximum Packet Size bounds each one's bytes, so what we hold is bounded in
+    bytes too. (The broker does not send us a larger packet: it drops it and
+    logs it; its own message_size_limit refuses such payloads at publish time.)
+    """
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
     props.ReceiveMaximum = receive_maximum
+    if maximum_packet_size:
+        props.MaximumPacketSize = maximum_packet_size
     return props

@@ -31,6 +31,8 @@ from typing import Any
 
 import msgspec
 
+# Match with fullmatch(): "$" also matches before a trailing newline, so .match()
+# would take "t1\n". The pattern keeps ^/$ for the API's OpenAPI schema.
 SENSOR_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 KIND_RE = SENSOR_ID_RE
 STATUS_VALUES = range(0, 7)
@@ -136,11 +138,11 @@ def parse_time(text: Any, field: str = "timestamp") -> datetime | Reject:
 
 def _sensor_id(obj: dict[str, Any], levels: list[str], kind: str, limits: Limits) -> str | Reject:
     claimed = obj.get("sensor_id")
-    if "sensor_id" in obj and (not isinstance(claimed, str) or not SENSOR_ID_RE.match(claimed)):
+    if "sensor_id" in obj and (not isinstance(claimed, str) or not SENSOR_ID_RE.fullmatch(claimed)):
         return Reject(f"sensor_id must be 1-64 characters [A-Za-z0-9_.:-], got {show(claimed)}")
     if len(levels) > 2:
         from_topic = levels[2]
-        if not SENSOR_ID_RE.match(from_topic):
+        if not SENSOR_ID_RE.fullmatch(from_topic):
             return Reject(f"topic level sensor_id {show(from_topic)} is not a valid sensor id")
         if limits.topic_identity:
             # The broker's ACL let this publisher write under this topic only.
@@ -186,6 +188,17 @@ def too_deep(payload: bytes) -> bool:
     return False
 
 
+def _not_utf8(payload: bytes) -> str | None:
+    """Why ``payload`` is not UTF-8 (JSON's encoding, RFC 8259), or None if it is."""
+    if payload.isascii():
+        return None  # the common case, at C speed
+    try:
+        payload.decode("utf-8")  # strict: also refuses encoded surrogates and overlongs
+    except UnicodeDecodeError as exc:
+        return f"{exc.reason} at byte {exc.start}"
+    return None
+
+
 def dedupe_key(topic: str, payload: bytes, packet_id: int | None = None) -> str:
     h = hashlib.blake2b(digest_size=12)
     h.update(topic.encode("utf-8", "surrogatepass"))
@@ -212,6 +225,9 @@ def parse(
         return Reject(f"topic has a control or unencodable character: {show(topic)}")
     if too_deep(payload):
         return Reject(f"JSON nested deeper than {MAX_DEPTH} levels")
+    if (bad_utf8 := _not_utf8(payload)) is not None:
+        # msgspec raises UnicodeDecodeError (not DecodeError) for such bytes in a string.
+        return Reject(f"not JSON: payload is not UTF-8 ({bad_utf8})")
     try:
         obj = _decoder.decode(payload)
     except msgspec.DecodeError as exc:  # ValidationError (numbers out of range) is one too
@@ -223,7 +239,7 @@ def parse(
     kind = obj.get("kind", levels[1] if len(levels) > 1 else None)
     if kind is None:
         return Reject("no kind: topic has no second level and payload has no 'kind'")
-    if not isinstance(kind, str) or not KIND_RE.match(kind):
+    if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
         return Reject(f"kind must be 1-64 characters [A-Za-z0-9_.:-], got {show(kind)}")
 
     sensor_id = _sensor_id(obj, levels, kind, limits)
@@ -259,5 +275,7 @@ def parse(
             doc["_id"] = dedupe_key(topic, payload, packet_id)
     if unit:
         doc["unit"] = unit
+    if msg_id is not None:
+        doc["msg_id"] = msg_id
     doc["received_at"] = now
     return doc

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import bson
 import pymongo
+from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
 from pymongo.write_concern import WriteConcern
 
 from sensor_gateway.config import Config
@@ -26,8 +36,42 @@ ROLLUPS = "rollups_minute"
 REJECTED = "rejected"
 DUPLICATE_KEY = 11000
 
-# Errors that mean "the database is not there right now": retry later.
+# Any database error; :func:`classify` says what to do about one.
 Unavailable = PyMongoError
+
+# Server error codes, grouped by what the ingester does about them.
+# Transient (hold the batch, retry): network, shutdown, elections, time limits.
+TRANSIENT_CODES = frozenset(
+    {6, 7, 50, 64, 89, 91, 112, 133, 134, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
+)
+# Permanent and global (no retry helps; a person must act): who we are, what we may do.
+PERMANENT_CODES = frozenset({11, 13, 18, 8000})
+
+TRANSIENT, PERMANENT, DOCUMENT = "transient", "permanent", "document"
+
+
+class PermanentError(Exception):
+    """The database refuses us as a whole (credentials, rights): stop, visibly."""
+
+
+def classify(exc: BaseException) -> str:
+    """``transient`` (wait and retry), ``permanent`` (stop: a person must act) or
+    ``document`` (this write's documents are the problem; isolate them)."""
+    if isinstance(exc, ConnectionFailure | WriteConcernError):
+        return TRANSIENT
+    if isinstance(exc, ConfigurationError):
+        return PERMANENT
+    if isinstance(exc, OperationFailure):
+        code = exc.code or 0
+        if code in PERMANENT_CODES:
+            return PERMANENT
+        if code in TRANSIENT_CODES or exc.has_error_label("RetryableWriteError"):
+            return TRANSIENT
+        return DOCUMENT
+    if isinstance(exc, PyMongoError):
+        return TRANSIENT
+    # Anything else comes from encoding documents (bson errors, OverflowError, ...).
+    return DOCUMENT
 
 
 def connect(cfg: Config, **kwargs: Any) -> Database:
@@ -76,24 +120,82 @@ def ensure_indexes(db: Database) -> None:
     db[REJECTED].create_index([("received_at", DESCENDING)], name="received_at")
 
 
-def insert_readings(db: Database, docs: list[dict[str, Any]]) -> tuple[list[dict], int]:
-    """Insert unordered; a duplicate key is success. Returns (newly stored, duplicates).
+def unencodable(doc: dict[str, Any]) -> str | None:
+    """Why ``doc`` cannot be sent as BSON, or None if it can."""
+    try:
+        bson.encode(doc)
+    except (BSONError, OverflowError, UnicodeError, TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
-    Raises PyMongoError for anything that is not a duplicate: the caller keeps
-    the batch unacknowledged and retries.
+
+@dataclass
+class Inserted:
+    new: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+    # (document, reason) for each document the server (or BSON) refused.
+    refused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+
+def insert_readings(db: Database, docs: list[dict[str, Any]]) -> Inserted:
+    """Insert unordered; a duplicate key is success, a refused document is reported.
+
+    Raises for an error that is not about particular documents: a transient
+    one (the caller holds the batch unacknowledged and retries) or a permanent
+    one (see :func:`classify`).
     """
+    out = Inserted()
     if not docs:
-        return [], 0
+        return out
     try:
         db[READINGS].insert_many(docs, ordered=False)
     except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
-        if other or exc.details.get("writeConcernErrors"):
+        if exc.details.get("writeConcernErrors"):
             raise
-        dup_index = {e["index"] for e in errors}
-        return [d for i, d in enumerate(docs) if i not in dup_index], len(dup_index)
-    return docs, 0
+        failed: dict[int, str] = {}
+        for e in exc.details.get("writeErrors", []):
+            code = e.get("code")
+            if code == DUPLICATE_KEY:
+                out.duplicates += 1
+                failed[e["index"]] = ""
+                continue
+            probe = OperationFailure(e.get("errmsg", ""), code)
+            if classify(probe) != DOCUMENT:
+                raise probe from exc
+            failed[e["index"]] = f"MongoDB refused the reading: {e.get('errmsg', '')} (code {code})"
+        for i, d in enumerate(docs):
+            if i not in failed:
+                out.new.append(d)
+            elif failed[i]:
+                out.refused.append((d, failed[i]))
+        return out
+    except Exception as exc:  # noqa: BLE001 - classified; re-raised unless per-document
+        if classify(exc) != DOCUMENT:
+            raise
+        # One document cannot be encoded (or the server refused the whole write):
+        # split it up so that only the documents at fault become rejects.
+        return _insert_one_by_one(db, docs)
+    out.new = docs
+    return out
+
+
+def _insert_one_by_one(db: Database, docs: list[dict[str, Any]]) -> Inserted:
+    out = Inserted()
+    for d in docs:
+        reason = unencodable(d)
+        if reason:
+            out.refused.append((d, f"cannot be stored as BSON: {reason}"))
+            continue
+        try:
+            db[READINGS].insert_one(d)
+            out.new.append(d)
+        except pymongo.errors.DuplicateKeyError:
+            out.duplicates += 1
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if classify(exc) != DOCUMENT:
+                raise
+            out.refused.append((d, f"MongoDB refused the reading: {exc}"))
+    return out
 
 
 def minute_of(ts: datetime) -> datetime:
@@ -164,9 +266,30 @@ def rebuild_rollups(db: Database, since: datetime, chunk: int = 5000) -> int:
     return n
 
 
-def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> None:
-    if rejects:
+def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> list[tuple[dict, str]]:
+    """Store rejects; returns those the server refused, with why (rejects are built
+    to be storable, so that list is empty unless the server itself is failing).
+
+    A duplicate key is success: insert_many gives each document its ``_id``, so a
+    retried batch of rejects is recognised and stored once.
+    """
+    if not rejects:
+        return []
+    try:
         db[REJECTED].insert_many(rejects, ordered=False)
+    except BulkWriteError as exc:
+        if exc.details.get("writeConcernErrors"):
+            raise
+        unstored = []
+        for e in exc.details.get("writeErrors", []):
+            if e.get("code") == DUPLICATE_KEY:
+                continue
+            probe = OperationFailure(e.get("errmsg", ""), e.get("code"))
+            if classify(probe) != DOCUMENT:
+                raise probe from exc
+            unstored.append((rejects[e["index"]], f"{e.get('errmsg', '')} (code {e.get('code')})"))
+        return unstored
+    return []
 
 
 # Ties on ts are broken by _id, as Redis breaks score ties by member (which starts with the id).

@@ -39,7 +39,7 @@ def publish_readings(gw: Gateway, readings: Iterable[dict[str, Any]], kind: str 
     finally:
         client.disconnect()
         client.loop_stop()
-    gw.wait_stored(len(ids), query={"_id": {"$in": ids}}, timeout=30)
+    gw.wait_stored(len(ids), query={"msg_id": {"$in": ids}}, timeout=30)
     return ids
 
 

@@ -19,7 +19,7 @@ from tests.helpers import Gateway, wait_for
 
 def assert_exactly_once(gw: Gateway, run_id: str, n: int, timeout: float = 120) -> None:
     gw.wait_stored(n, timeout=timeout)
-    ids = {d["_id"] for d in gw.db.readings.find({}, {"_id": 1})}
+    ids = {d["msg_id"] for d in gw.db.readings.find({}, {"msg_id": 1})}
     expected = {f"{run_id}-{i}" for i in range(1, n + 1)}
     lost = expected - ids
     extra = ids - expected

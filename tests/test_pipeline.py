@@ -14,7 +14,7 @@ def test_n_published_n_stored_once(gateway: Gateway) -> None:
     ing = gateway.start_ingester()
     sim = gateway.publish(3000, rate=3000)
     gateway.wait_stored(3000)
-    ids = {d["_id"] for d in gateway.db.readings.find({}, {"_id": 1})}
+    ids = {d["msg_id"] for d in gateway.db.readings.find({}, {"msg_id": 1})}
     assert ids == {f"{sim.run_id}-{i}" for i in range(1, 3001)}
     # Rollups count each reading once.
     wait_for(lambda: rollup_total(gateway) == 3000, 10, what="rollups")

@@ -45,7 +45,7 @@ def test_n_published_n_stored_once_via_rabbitmq(stack, rabbitmq: RabbitMQ, tmp_p
         ing = gw.start_ingester()
         sim = gw.publish(3000, rate=1500)
         gw.wait_stored(3000)
-        ids = {d["_id"] for d in gw.db.readings.find({}, {"_id": 1})}
+        ids = {d["msg_id"] for d in gw.db.readings.find({}, {"msg_id": 1})}
         assert ids == {f"{sim.run_id}-{i}" for i in range(1, 3001)}
         assert ing.counters.rejected == 0
         # Batches are bounded by the plugin's prefetch, yet larger than Mosquitto's 20.
