@@ -341,15 +341,25 @@ class Stack:
     root: Path
     # Fixed ports (for `make run`); 0 picks free ones (tests).
     ports: dict[str, int] = field(default_factory=dict)
+    # Devices with broker credentials of their own (see Mosquitto.device_users).
+    device_users: tuple[str, ...] = ()
+    # (database, user, password) for a MongoDB server that requires a login.
+    mongo_auth: tuple[str, str, str] | None = None
     mosquitto: Mosquitto = field(init=False)
     redis: Redis = field(init=False)
     mongo: MongoServer = field(init=False)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.mosquitto = Mosquitto(root=self.root, port=self.ports.get("mqtt") or free_port())
+        self.mosquitto = Mosquitto(
+            root=self.root,
+            port=self.ports.get("mqtt") or free_port(),
+            device_users=self.device_users,
+        )
         self.redis = Redis(root=self.root, port=self.ports.get("redis") or free_port())
-        self.mongo = MongoServer(root=self.root, port=self.ports.get("mongodb") or free_port())
+        self.mongo = MongoServer(
+            root=self.root, port=self.ports.get("mongodb") or free_port(), auth=self.mongo_auth
+        )
         self.secrets_dir = self.root / "secrets"
 
     def start(self) -> None:

@@ -164,10 +164,8 @@ class Simulator:
             if self.stop_event.is_set() or (count is not None and self.stats.sent >= count):
                 break
             topic, payload = self.message(sensor)
-            info = self.client.publish(topic, payload, qos=1)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                log.warning("publish failed: %s", mqtt.error_string(info.rc))
-                continue
+            if not self._publish(topic, payload):
+                break
             # Not connected: paho queues it and sends it after reconnecting.
             self.stats.sent += 1
             # Progress means the broker keeps acknowledging what we send.
@@ -178,6 +176,20 @@ class Simulator:
                     f"published {self.stats.sent}, acknowledged {self.stats.acked}"
                 )
         return self.finish()
+
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        """Hand one message to paho; while its queue is full, wait and try the same
+        message again (a reading is never skipped). False if stopped meanwhile."""
+        delay = 0.005
+        while True:
+            info = self.client.publish(topic, payload, qos=1)
+            # Not connected: paho queues it and sends it after reconnecting.
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                return True
+            log.debug("publish deferred: %s", mqtt.error_string(info.rc))
+            if self.stop_event.wait(delay):
+                return False
+            delay = min(delay * 2, 0.5)
 
     def finish(self, timeout: float = 30.0) -> int:
         """Wait for the broker to acknowledge what was sent, then disconnect."""
