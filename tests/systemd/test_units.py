@@ -359,3 +359,66 @@ def test_target_starts_and_stops_the_gateway(gw: Gateway) -> None:
     gw.wait_state(API, "inactive")
     gw.wait_state(INGEST, "inactive")
     assert gw.prop(API, "Result") == "success" and gw.prop(INGEST, "Result") == "success"
+
+
+# -- a permanent database error ------------------------------------------------------
+
+AUTH_PORT = 27099
+WRONG_DROPIN = "/etc/systemd/system/sensor-ingest.service.d/wrong-password.conf"
+
+
+def test_wrong_mongodb_password_fails_the_unit_visibly(gw: Gateway) -> None:
+    """MongoDB refusing the ingester's credentials is no outage to wait out: the
+    unit ends `failed` (exit 78, not restarted) within 60 s and says why."""
+    c = gw.c
+    # A FerretDB that requires a login, beside the test's own.
+    c.run(
+        "systemd-run",
+        "--unit=ferretdb-auth",
+        "-p",
+        "StateDirectory=ferretdb-auth",
+        "-E",
+        "FERRETDB_SETUP_PASSWORD=right-password",
+        "/usr/local/bin/ferretdb",
+        "--handler=sqlite",
+        "--sqlite-url=file:/var/lib/ferretdb-auth/",
+        "--state-dir=/var/lib/ferretdb-auth",
+        f"--listen-addr=127.0.0.1:{AUTH_PORT}",
+        "--debug-addr=127.0.0.1:27098",
+        "--telemetry=disable",
+        "--test-enable-new-auth",
+        "--setup-database=sensor_gateway",
+        "--setup-username=gateway",
+    )
+    c.put_file("/etc/sensor-gateway/wrong-mongodb-password", "wrong-password\n", mode=0o600)
+    c.put_file(
+        WRONG_DROPIN,
+        "[Service]\n"
+        f"Environment=SENSOR_GATEWAY_MONGODB__URI=mongodb://127.0.0.1:{AUTH_PORT}/\n"
+        "Environment=SENSOR_GATEWAY_MONGODB__USERNAME=gateway\n"
+        "Environment=SENSOR_GATEWAY_MONGODB__PASSWORD_FILE=wrong-mongodb-password\n"
+        "LoadCredential=wrong-mongodb-password:/etc/sensor-gateway/wrong-mongodb-password\n",
+    )
+    try:
+        c.systemctl("daemon-reload")
+        restarts = int(gw.prop(INGEST, "NRestarts"))
+        started = time.monotonic()
+        c.systemctl("start", "--no-block", INGEST)
+        c.wait_for(lambda: gw.state(INGEST) == "failed", 60, 0.5, "sensor-ingest to fail")
+        took = time.monotonic() - started
+        print(f"sensor-ingest failed {took:.1f}s after start")
+        props = c.show(INGEST, "Result", "ExecMainStatus", "NRestarts")
+        assert props["Result"] == "exit-code", props
+        assert props["ExecMainStatus"] == "78", props
+        assert int(props["NRestarts"]) == restarts, "systemd restarted into the same error"
+        status = c.systemctl("status", "--no-pager", "-l", INGEST, check=False).stdout
+        assert "MongoDB refuses the ingester" in status, status
+        assert "MongoDB refuses the ingester" in gw.journal(INGEST, "-p", "err")
+    finally:
+        c.run("rm", "-f", WRONG_DROPIN)
+        c.systemctl("daemon-reload")
+        c.systemctl("reset-failed", INGEST, check=False)
+        c.systemctl("stop", "ferretdb-auth", check=False)
+    # Back on the right configuration it runs.
+    gw.start(INGEST)
+    gw.wait_state(INGEST, "active")
