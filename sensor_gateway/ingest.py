@@ -3,6 +3,10 @@
 - receive: paho's network thread puts each QoS 1 message on a queue, unacked.
   MQTT 5 Receive Maximum (batch_size * inflight_batches) and Maximum Packet
   Size bound that queue in messages and in bytes, whatever the broker holds.
+  After a reconnect, a message still held from the earlier connection is
+  dropped when the broker redelivers it (same packet id and bytes), so copies
+  never pile up; one the broker does not redeliver within STALE_GRACE_S (it
+  lost it in a crash) is written anyway, so nothing is lost either.
 - validate: the payload contract (:mod:`sensor_gateway.payload`), one message
   at a time: whatever happens to one message makes it a reject, never stops
   the loop (:func:`validate_batch`).
@@ -49,9 +53,14 @@ log_unexpected = TracebackOnce(log)
 # Exit status of a permanent database error (sysexits' EX_CONFIG); the unit's
 # RestartPreventExitStatus= keeps systemd from restarting into the same wall.
 EXIT_PERMANENT = 78
-# Bytes a PUBLISH may carry beyond its payload (topic, properties) before the
-# broker stops delivering it to us; see mqtt.session_properties.
-PACKET_OVERHEAD = 4096
+# Bytes a PUBLISH may carry beyond ingest.max_payload_bytes before the broker
+# stops delivering it to us (see mqtt.session_properties): 4 KiB of payload over
+# the limit, so such payloads still arrive and are recorded as rejects (the
+# broker's message_size_limit is max_payload_bytes + 4096), and 4 KiB of topic
+# and properties.
+PACKET_OVERHEAD = 8192
+# How long after a reconnect a held message waits for its redelivery.
+STALE_GRACE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -129,8 +138,11 @@ class Counters:
     lag_ms_last: float = 0.0
     mongo_retries: int = 0
     redis_errors: int = 0
-    # Held from an earlier connection of a resumed session: the broker sends them again.
+    # Held from an earlier connection and dropped when the broker redelivered them.
     dropped_stale: int = 0
+    # Held from an earlier connection and never redelivered (the broker lost them
+    # in a crash): written all the same.
+    kept_stale: int = 0
     # Arrived while stopping: left unacknowledged in our session for next time.
     left_to_broker: int = 0
     # Rejects the database would not store either (each logged at error).
@@ -161,6 +173,11 @@ class Ingester:
         self.draining = threading.Event()
         self.subscribed = threading.Event()
         self.connection = 0
+        # Messages held from an earlier connection, by (packet id, topic, payload),
+        # until the broker redelivers them or STALE_GRACE_S passes.
+        self.stale: dict[tuple[int, str, bytes], Incoming] = {}
+        self._stale_until = 0.0
+        self._stale_lock = threading.Lock()
         # Why the ingester gave up (a permanent database error), if it did.
         self.fatal: str | None = None
         self.db: Database = storage.connect(cfg, appname="sensor-ingest")
@@ -208,9 +225,9 @@ class Ingester:
         self.connection += 1
         resumed = bool(getattr(flags, "session_present", False))
         if resumed:
-            # What an earlier connection delivered and we have not taken yet comes
-            # again on this resumed session: holding it too would pile up copies.
-            self.counters.dropped_stale += self._purge_queue()
+            # What an earlier connection delivered and we have not taken yet should
+            # come again on this resumed session; wait for it rather than hold two.
+            self._set_aside_queue()
         log.info(
             "MQTT connected to %s:%s (session %s)",
             self.cfg.mqtt.host,
@@ -219,14 +236,31 @@ class Ingester:
         )
         client.subscribe(self.icfg.topic, qos=1)
 
-    def _purge_queue(self) -> int:
-        n = 0
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                return n
-            n += 1
+    def _set_aside_queue(self) -> None:
+        with self._stale_lock:
+            while True:
+                try:
+                    m = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                self.stale[(m.mid, m.topic, m.payload)] = m
+            self._stale_until = time.monotonic() + STALE_GRACE_S
+
+    def release_stale(self, force: bool = False) -> None:
+        """After the grace period, queue what the broker did not redeliver (it lost
+        those in a crash): they are written, with no acknowledgement to send."""
+        if not self.stale or (not force and time.monotonic() < self._stale_until):
+            return
+        with self._stale_lock:
+            kept, self.stale = list(self.stale.values()), {}
+        for m in kept:
+            self.queue.put(m)
+        self.counters.kept_stale += len(kept)
+        log.warning(
+            "%d messages held from before the reconnect were not redelivered "
+            "(the broker lost them); writing them",
+            len(kept),
+        )
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -249,6 +283,10 @@ class Ingester:
                 topic = msg.topic
             except UnicodeDecodeError:  # the broker should not let such a topic through
                 topic = msg._topic.decode("utf-8", errors="replace")
+            if self.stale:
+                with self._stale_lock:
+                    if self.stale.pop((msg.mid, topic, msg.payload), None) is not None:
+                        self.counters.dropped_stale += 1
             self.queue.put(
                 Incoming(
                     msg.mid,
@@ -501,6 +539,7 @@ class Ingester:
 
     def step(self) -> int:
         """One turn of the loop: collect and process a batch. Returns its size."""
+        self.release_stale()
         batch = self.collect()
         if batch:
             self.process(batch)
@@ -578,6 +617,7 @@ class Ingester:
         """Write and acknowledge what was taken, then leave the broker."""
         self.draining.set()
         self.notifier.stopping()
+        self.release_stale(force=True)
         drained = 0
         while not self.fatal and (batch := self.collect(idle_timeout=0)):
             try:

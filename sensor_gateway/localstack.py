@@ -38,10 +38,14 @@ topic write stats/#
 
 user sensor-api
 topic read stats/#
-
-# Per-device credentials: a device (user = its sensor id) writes its own topic only.
-pattern write sensors/+/%u
 """
+
+
+def mosquitto_acl(device_users: tuple[str, ...] = ()) -> str:
+    """The ACL, with an entry per device user (as the Ansible role writes it): a
+    device, named by its sensor id, may publish under its own topic only."""
+    devices = "".join(f"\nuser {d}\ntopic write sensors/+/{d}\n" for d in device_users)
+    return MOSQUITTO_ACL + devices
 
 
 def free_port() -> int:
@@ -141,7 +145,7 @@ class Mosquitto(Service):
                 ["mosquitto_passwd", "-b", str(pwfile), user, pw], check=True, capture_output=True
             )
         pwfile.chmod(0o600)
-        (self.dir / "acl").write_text(MOSQUITTO_ACL)
+        (self.dir / "acl").write_text(mosquitto_acl(self.device_users))
         (self.dir / "mosquitto.conf").write_text(
             mosquitto_conf(
                 port=self.port,
