@@ -4,10 +4,13 @@
 #   make test-systemd the units inside a real systemd (systemd-nspawn container)
 #   make e2e          Ansible deployment into a fresh container, end to end
 #   make bench        the benchmarks (one JSON line each)
+#   make soak         the chaos soak, ~10 minutes (SOAK_SECONDS=, SOAK_SEED=), one JSON line
+#   make fuzz         atheris fuzzing of the payload contract and the batch path,
+#                     FUZZ_SECONDS (default 600) in all, one JSON line
 #   make lint         ruff and ansible-lint
 PY := .venv/bin/python
 
-.PHONY: deps deps-systemd deps-deploy run test test-systemd e2e bench lint clean
+.PHONY: deps deps-systemd deps-deploy run test test-systemd e2e bench soak fuzz lint clean
 
 deps:
 	.ci/install-deps.sh base
@@ -33,6 +36,15 @@ e2e: deps-deploy
 bench: deps
 	$(PY) bench/ingest.py
 	$(PY) bench/api.py
+
+SOAK_SECONDS ?= 600
+SOAK_SEED ?=
+soak: deps
+	$(PY) -m tests.soak.chaos --duration $(SOAK_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+
+FUZZ_SECONDS ?= 600
+fuzz: deps
+	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 lint: deps-deploy
 	.venv/bin/ruff check sensor_gateway tests bench config

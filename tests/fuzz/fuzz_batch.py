@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""atheris target: the batch path, ``sensor_gateway.ingest.validate_batch``.
+
+Usage (``make fuzz`` runs it through ``tests/fuzz/run.py``):
+    .venv/bin/python tests/fuzz/fuzz_batch.py [libFuzzer flags] WORK_DIR tests/fuzz/corpus/batch
+An input drives a FuzzedDataProvider that builds a batch (see
+``targets.batch_input``); a failed check or any exception is a crash.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    import atheris
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    with atheris.instrument_imports(include=["sensor_gateway"]):
+        import sensor_gateway.ingest  # noqa: F401
+        import sensor_gateway.payload  # noqa: F401
+    from tests.fuzz.targets import batch_input
+
+    atheris.Setup(sys.argv, batch_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
