@@ -299,6 +299,9 @@ def test_averages_from_rollups(gw: Gateway, client: FlaskClient) -> None:
         ("/readings?sensor_id[$ne]=x", "sensor_id[$ne]"),
         ("/readings?Sensor_Name[$regex]=.*", "Sensor_Name[$regex]"),
         ("/readings?sensor_id=$where", "sensor_id"),
+        # `$` in the id pattern would also match before a final newline.
+        ("/readings?sensor_id=t1%0A", "sensor_id"),
+        ("/sensors/t1%0A/latest", "sensor_id"),
         ("/readings?kind=%7B%22%24ne%22%3A1%7D", "kind"),
         ("/readings?limit=0", "limit"),
         ("/readings?limit=1001", "limit"),

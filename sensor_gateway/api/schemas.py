@@ -32,9 +32,19 @@ class IsoDateTime(fields.DateTime):
         return dt
 
 
+class FullMatch(Regexp):
+    """A Regexp the whole value must match: its ``$`` alone also matches before a
+    trailing newline. Still a Regexp, so the OpenAPI schema keeps the pattern."""
+
+    def __call__(self, value: str) -> str:
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 def sensor_id_field(**kw: Any) -> fields.String:
     return fields.String(
-        validate=[Length(1, 64), Regexp(SENSOR_ID_RE, error="must match {regex}")], **kw
+        validate=[Length(1, 64), FullMatch(SENSOR_ID_RE, error="must match {regex}")], **kw
     )
 
 

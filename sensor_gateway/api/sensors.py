@@ -64,5 +64,5 @@ def sensor_latest(sensor_id: str, query_data: dict[str, Any]) -> Response:
 
 
 def _check_id(sensor_id: str) -> None:
-    if not SENSOR_ID_RE.match(sensor_id):
+    if not SENSOR_ID_RE.fullmatch(sensor_id):
         abort(400, f"path parameter 'sensor_id': must match {schemas.ID_PATTERN}")

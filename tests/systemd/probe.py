@@ -1,6 +1,6 @@
 """Run inside the test container with the gateway's venv: reads MongoDB for the tests.
 
-``probe.py ids``    prints every stored reading's ``_id``, one a line
+``probe.py ids``    prints every stored reading's ``msg_id``, one a line
 ``probe.py count``  prints ``readings rejected`` counts
 ``probe.py drop``   drops the database (a fresh start for a test)
 """
@@ -15,8 +15,8 @@ from sensor_gateway import config, storage
 def main(cmd: str) -> None:
     db = storage.connect(config.load(), appname="systemd-test-probe")
     if cmd == "ids":
-        for d in db[storage.READINGS].find({}, {"_id": 1}):
-            print(d["_id"])
+        for d in db[storage.READINGS].find({}, {"msg_id": 1}):
+            print(d.get("msg_id"))
     elif cmd == "count":
         print(db[storage.READINGS].count_documents({}), db[storage.REJECTED].count_documents({}))
     elif cmd == "drop":
