@@ -53,6 +53,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 cfg.secret(path)
             except config_mod.ConfigError as exc:
                 raise config_mod.ConfigError(f"{section}.{key}: {exc}") from exc
+    # The API's access policy: it would refuse to start beyond loopback without a token.
+    from sensor_gateway import tokens
+
+    access = tokens.check_startup(cfg, read_files=args.secrets)
+    print(f"API access: {access}")
     print("configuration OK")
     return 0
 
@@ -108,12 +113,25 @@ GUNICORN_CONFIG = "python:sensor_gateway.gunicorn_conf"
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from sensor_gateway import tokens
+
     cfg = _load(args)  # a bad configuration stops here, with the key named
+    # So does an API that would serve beyond loopback without any token
+    # (gunicorn's configuration checks it again, for gunicorn run directly).
+    tokens.check_startup(cfg)
     if args.dev:
         from sensor_gateway.api import create_app
 
         host, _, port = cfg.api.bind.rpartition(":")
-        create_app(cfg).run(host=host or "127.0.0.1", port=int(port), threaded=True)
+        tls = None
+        if cfg.api.tls_certfile:
+            tls = (
+                str(cfg.credential_path(cfg.api.tls_certfile)),
+                str(cfg.credential_path(cfg.api.tls_keyfile)),
+            )
+        create_app(cfg).run(
+            host=host.strip("[]") or "127.0.0.1", port=int(port), threaded=True, ssl_context=tls
+        )
         return 0
     env = dict(os.environ)
     if args.config:
@@ -154,6 +172,79 @@ def cmd_rebuild_rollups(args: argparse.Namespace) -> int:
     n = storage.rebuild_rollups(storage.connect(cfg, appname="sensor-gateway-cli"), since)
     print(f"rebuilt rollups from {n} readings since {since.isoformat()}")
     return 0
+
+
+# -- sensor-gateway token add|list|revoke (API bearer tokens) ----------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Manage the API's bearer tokens in api.tokens_file (hashes only)."""
+    from sensor_gateway import tokens
+
+    cfg = config_mod.load(args.config)
+    path = tokens.tokens_path(cfg)
+    try:
+        if args.token_command == "add":
+            if args.stdin:
+                given = sys.stdin.readline().strip()
+                _, changed = tokens.add(path, args.name, given)
+                print(f"token {args.name!r} {'stored' if changed else 'unchanged'} in {path}")
+                return 0
+            token, _ = tokens.add(path, args.name)
+            print(token)
+            print(
+                f"token {args.name!r} stored in {path} (its SHA-256 only): this is the only "
+                f"time it is shown. Send it as 'Authorization: Bearer <token>'.",
+                file=sys.stderr,
+            )
+            return 0
+        if args.token_command == "list":
+            found = tokens.read_tokens(path)
+            if not found:
+                print(f"no API tokens in {path}", file=sys.stderr)
+                return 0
+            width = max(4, *(len(t.name) for t in found))
+            print(f"{'NAME':<{width}}  CREATED")
+            for t in found:
+                print(f"{t.name:<{width}}  {t.created}")
+            return 0
+        if tokens.revoke(path, args.name):
+            print(f"token {args.name!r} revoked; the API refuses it from its next request")
+            return 0
+        if args.missing_ok:
+            print(f"no token named {args.name!r} in {path}: nothing to revoke")
+            return 0
+        print(f"sensor-gateway: no token named {args.name!r} in {path}", file=sys.stderr)
+        return 1
+    except tokens.TokenError as exc:
+        print(f"sensor-gateway: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"sensor-gateway: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def _add_token_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "token",
+        help="manage the API's bearer tokens (add prints a new token once; list; revoke)",
+        description="Bearer tokens for the HTTP API, kept as SHA-256 hashes in api.tokens_file. "
+        "A revoked token is refused from the API's next request, without a restart.",
+    )
+    s.set_defaults(func=cmd_token)
+    tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("add", help="create a token named NAME and print it (once)")
+    t.add_argument("name", metavar="NAME", help="who or what uses it, e.g. grafana")
+    t.add_argument(
+        "--stdin",
+        action="store_true",
+        help="store the token read from stdin (one line, >= 32 characters) instead of "
+        "making one; idempotent: 'unchanged' when NAME already has it",
+    )
+    t = tsub.add_parser("list", help="names and creation times (never the tokens)")
+    t = tsub.add_parser("revoke", help="delete the token named NAME")
+    t.add_argument("name", metavar="NAME")
+    t.add_argument("--missing-ok", action="store_true", help="exit 0 when there is no such token")
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -234,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=None, help="stop after N messages")
     s.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     s.set_defaults(func=cmd_stats)
+
+    _add_token_parser(sub)
 
     return p
 

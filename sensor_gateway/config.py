@@ -136,6 +136,18 @@ class ApiConfig:
     max_limit: int = 1000
     mqtt_username: str = "sensor-api"
     mqtt_password_file: str = ""
+    # Bearer tokens (their SHA-256 only), managed with `sensor-gateway token add|list|revoke`.
+    # Relative to this file's folder, never $CREDENTIALS_DIRECTORY (a copy made at start
+    # would keep revoked tokens alive): the API re-reads it whenever it changes.
+    tokens_file: str = "api-tokens.json"
+    # Tokens are required beyond loopback (and anywhere once tokens_file exists); bound
+    # beyond loopback without any, the API refuses to start unless this is true (then
+    # there is no access control at all).
+    allow_anonymous: bool = False
+    # HTTPS through gunicorn: PEM certificate (chain) and private key, both or neither.
+    # Relative names resolve like the *_file secrets ($CREDENTIALS_DIRECTORY first).
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
 
 
 @dataclass
@@ -155,17 +167,22 @@ class Config:
     # Folder the file was read from; relative secret paths resolve against it.
     base_dir: Path = field(default=Path("."), repr=False)
 
+    def credential_path(self, name: str) -> Path:
+        """Where a ``*_file`` key points: absolute, else ``$CREDENTIALS_DIRECTORY``
+        when it holds that name, else the configuration file's folder."""
+        p = Path(name)
+        if p.is_absolute():
+            return p
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (Path(cred_dir) / p).exists():
+            return Path(cred_dir) / p
+        return self.base_dir / p
+
     def secret(self, path: str) -> str:
         """Read a secret file named by a ``*_file`` key; empty path → empty secret."""
         if not path:
             return ""
-        p = Path(path)
-        if not p.is_absolute():
-            cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-            if cred_dir and (Path(cred_dir) / p).exists():
-                p = Path(cred_dir) / p
-            else:
-                p = self.base_dir / p
+        p = self.credential_path(path)
         try:
             return p.read_text().strip()
         except OSError as exc:
@@ -283,6 +300,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"api.max_limit: must be 1-1000, got {cfg.api.max_limit}")
     if cfg.api.cache_ttl_s < 0:
         raise ConfigError(f"api.cache_ttl_s: must be >= 0, got {cfg.api.cache_ttl_s}")
+    if not cfg.api.tokens_file:
+        raise ConfigError("api.tokens_file: must name a file (it need not exist yet)")
+    if bool(cfg.api.tls_certfile) != bool(cfg.api.tls_keyfile):
+        raise ConfigError("api.tls_certfile, api.tls_keyfile: set both (HTTPS) or neither")
     if cfg.ingest.batch_size * cfg.ingest.inflight_batches > 65535:
         raise ConfigError(
             "ingest.batch_size * ingest.inflight_batches: exceeds MQTT's Receive Maximum 65535"

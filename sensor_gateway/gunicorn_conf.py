@@ -5,8 +5,13 @@ prometheus_client before ``PROMETHEUS_MULTIPROC_DIR`` is set below.
 
 Settings come from the gateway configuration (``$SENSOR_GATEWAY_CONFIG`` or
 /etc/sensor-gateway/gateway.toml): ``api.bind``, ``api.workers``,
-``api.threads``; the worker class is ``gthread`` (SSE streams hold a thread,
-never a whole worker).
+``api.threads``, and HTTPS from ``api.tls_certfile``/``api.tls_keyfile``
+(gunicorn's ``certfile``/``keyfile``); the worker class is ``gthread`` (SSE
+streams hold a thread, never a whole worker).
+
+Access control is checked before anything starts (:func:`tokens.check_startup`):
+bound beyond loopback with no API token and without ``api.allow_anonymous``,
+gunicorn exits with status 2 and a message naming the keys.
 
 systemd (``Type=notify``, ``NotifyAccess=main``): gunicorn ≥ 20 sends its own
 ``READY=1`` as soon as it has bound the socket — before any worker runs and
@@ -33,6 +38,8 @@ import logging
 import os
 import shutil
 import socket
+import ssl
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -42,12 +49,24 @@ from gunicorn.glogging import Logger as _GunicornLogger
 
 from sensor_gateway import config as _config
 from sensor_gateway import logs as _logs
+from sensor_gateway import tokens as _tokens
 from sensor_gateway.notify import Notifier
 
-_cfg = _config.load()
+try:
+    _cfg = _config.load()
+    _access = _tokens.check_startup(_cfg)
+except _config.ConfigError as _exc:
+    # gunicorn would print a traceback for an exception: say it in one line.
+    print(f"sensor-gateway: configuration error: {_exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 wsgi_app = "sensor_gateway.api:create_app()"
 bind = [_cfg.api.bind]
+# HTTPS when both are set (gunicorn loads them for every new connection).
+certfile = (
+    str(_cfg.credential_path(_cfg.api.tls_certfile)) if _cfg.api.tls_certfile else None
+)
+keyfile = str(_cfg.credential_path(_cfg.api.tls_keyfile)) if _cfg.api.tls_keyfile else None
 workers = _cfg.api.workers
 threads = _cfg.api.threads
 worker_class = "gthread"
@@ -127,24 +146,49 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
+# With HTTPS the master's probe thread calls OpenSSL, which takes global locks
+# inside its calls. A worker forked while the thread is inside one inherits the
+# lock held forever, and its first TLS handshake hangs. So the probe holds
+# _tls_lock around all its TLS work, and every fork of this process waits for it.
+_tls_lock = threading.Lock()
+_tls_client: ssl.SSLContext | None = None
+if certfile:
+    os.register_at_fork(
+        before=_tls_lock.acquire,
+        after_in_parent=_tls_lock.release,
+        after_in_child=_tls_lock.release,
+    )
+
+
 def _connection(address: str, timeout: float) -> http.client.HTTPConnection:
+    global _tls_client
     if address.startswith("unix:"):
         return _UnixHTTPConnection(address[5:], timeout)
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if certfile:
+        if _tls_client is None:
+            # Our own server through the address it bound: no name or chain to check.
+            _tls_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            _tls_client.check_hostname = False
+            _tls_client.verify_mode = ssl.CERT_NONE
+        return http.client.HTTPSConnection(
+            host, int(port or 8000), timeout=timeout, context=_tls_client
+        )
     return http.client.HTTPConnection(host, int(port or 8000), timeout=timeout)
 
 
 def healthz_ok(address: str, timeout: float = 2.0) -> bool:
-    conn = _connection(address, timeout)
-    try:
-        conn.request("GET", "/healthz", headers={"User-Agent": "sensor-api-watchdog"})
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
+    with _tls_lock if certfile else contextlib.nullcontext():
+        conn = _connection(address, timeout)
+        try:
+            conn.request("GET", "/healthz", headers={"User-Agent": "sensor-api-watchdog"})
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
 
 
 def _supervise(address: str, notifier: Notifier) -> None:
@@ -180,6 +224,7 @@ def _supervise(address: str, notifier: Notifier) -> None:
 
 def on_starting(server: Any) -> None:
     _logs.setup(_cfg.log.level)
+    log.info("API access: %s", _access)
     for f in _metrics_dir_path().glob("*.db"):
         f.unlink()
     # Ours from now on; gunicorn's own READY=1 (sent at bind) becomes a no-op.

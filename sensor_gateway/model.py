@@ -24,4 +24,7 @@ def public(doc: dict[str, Any]) -> dict[str, Any]:
     }
     if doc.get("unit"):
         out["unit"] = doc["unit"]
+    # The device's own id for it; not unique across devices (``id`` is).
+    if doc.get("msg_id"):
+        out["msg_id"] = doc["msg_id"]
     return out

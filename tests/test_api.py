@@ -78,7 +78,8 @@ def test_readings_filters_and_cursor_pages(gw: Gateway, client: FlaskClient) -> 
     assert [x["value"] for x in seen] == [float(i) for i in range(20)]
     assert {x["sensor_id"] for x in seen} == {sid}
     assert seen[0] == {
-        "id": f"{sid}-0",
+        "id": seen[0]["id"],  # the dedupe key, unique across devices
+        "msg_id": f"{sid}-0",
         "sensor_id": sid,
         "kind": "temperature",
         "value": 0.0,

@@ -12,7 +12,17 @@ from apiflask import APIFlask
 
 from sensor_gateway import __version__
 from sensor_gateway import config as config_mod
-from sensor_gateway.api import compat, errors, health, metrics, readings, sensors, stats, stream
+from sensor_gateway.api import (
+    auth,
+    compat,
+    errors,
+    health,
+    metrics,
+    readings,
+    sensors,
+    stats,
+    stream,
+)
 from sensor_gateway.api.services import Services
 
 
@@ -42,12 +52,17 @@ def create_app(cfg: config_mod.Config | None = None) -> APIFlask:
         VALIDATION_ERROR_DESCRIPTION="Bad request: a parameter is invalid",
         DESCRIPTION="Sensor readings collected over MQTT, served from Redis and MongoDB. "
         "Times are ISO 8601 (UTC in answers; naive times in requests are UTC). Errors are "
-        "`application/problem+json` naming the bad parameter or the failing dependency.",
+        "`application/problem+json` naming the bad parameter or the failing dependency. "
+        "Beyond loopback (or once the token file exists) every route but `/healthz` needs "
+        "`Authorization: Bearer <token>` (`sensor-gateway token add NAME`); `/metrics` also "
+        "answers loopback clients without one.",
         JSON_SORT_KEYS=False,
+        SECURITY_SCHEMES={"bearerAuth": {"type": "http", "scheme": "bearer"}},
     )
     app.extensions["sensor_gateway"] = Services(cfg)
     errors.register(app)
-    metrics.register(app)
+    metrics.register(app)  # first: its timer starts before a request can be refused
+    auth.register(app, cfg)
     for bp in (
         readings.bp,
         stream.bp,
@@ -57,4 +72,15 @@ def create_app(cfg: config_mod.Config | None = None) -> APIFlask:
         compat.bp,
     ):
         app.register_blueprint(bp)
+
+    @app.spec_processor
+    def _security(spec: dict) -> dict:
+        # Every operation takes the bearer token; /healthz needs none.
+        spec["security"] = [{"bearerAuth": []}]
+        for path, item in spec.get("paths", {}).items():
+            if path == "/healthz":
+                for op in item.values():
+                    op["security"] = []
+        return spec
+
     return app

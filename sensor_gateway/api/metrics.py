@@ -105,6 +105,19 @@ def exposition(services: Services) -> bytes:
         return api
 
 
+# Label values come from bounded sets only, never from what a client sent: the
+# matched rule's template (e.g. /sensors/<sensor_id>/latest, not the path), a
+# known method or "other", a status code.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def labels() -> tuple[str, str]:
+    """(route, method) label values for the current request."""
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    method = request.method if request.method in METHODS else "other"
+    return route, method
+
+
 def register(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
@@ -113,8 +126,9 @@ def register(app: Flask) -> None:
     @app.after_request
     def _observe(resp: Response) -> Response:
         t0 = g.pop("t0", None)
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        REQUESTS.labels(route, request.method, str(resp.status_code)).inc()
+        route, method = labels()
+        status = resp.status_code if 100 <= resp.status_code <= 599 else 0
+        REQUESTS.labels(route, method, str(status)).inc()
         if t0 is not None:
             LATENCY.labels(route).observe(time.perf_counter() - t0)
         return resp

@@ -10,7 +10,11 @@ checkout. Then, in order:
 
 - every service is active;
 - readings from the simulator are in the database within 15 s, and (when the
-  API exists) served through the API to ``curl`` from outside the container;
+  API exists) served through the API to ``curl`` from outside the container,
+  over HTTPS (a self-signed certificate given to the role) with the bearer
+  token the play generated (none: 401; ``/healthz`` open; plain HTTP: no);
+- a token made and revoked on the host with ``sensor-gateway token`` works,
+  then is refused, without restarting the API;
 - anonymous MQTT is refused, and the ACL holds;
 - ``journalctl -u sensor-ingest`` shows the daemon's own lines;
 - a second run of the playbook reports ``changed=0``;
@@ -41,6 +45,7 @@ import pytest
 from tests.e2e.conftest import NOTES, TIMINGS
 from tests.systemd import nspawn
 from tests.systemd.nspawn import Container, VethNet
+from tests.test_api_auth import self_signed
 
 pytestmark = pytest.mark.e2e
 
@@ -66,8 +71,10 @@ c = pymongo.MongoClient("mongodb://127.0.0.1:27017/?authSource=sensor_gateway",
 r = c.sensor_gateway.readings
 ids = sys.argv[1:]
 out = {"count": r.count_documents({}),
-       "latest": [d["_id"] for d in r.find({}, {"_id": 1}).sort("received_at", -1).limit(20)],
-       "found": [d["_id"] for d in r.find({"_id": {"$in": ids}}, {"_id": 1})] if ids else []}
+       "latest": [d["msg_id"]
+                  for d in r.find({}, {"msg_id": 1}).sort("received_at", -1).limit(20)],
+       "found": [d["msg_id"]
+                 for d in r.find({"msg_id": {"$in": ids}}, {"msg_id": 1})] if ids else []}
 print(json.dumps(out, default=str))
 """
 
@@ -89,6 +96,7 @@ class Deployment:
     root: Path
     wheelhouse: Path
     secrets: Path
+    tls: tuple[Path, Path]  # the API's certificate and key, on the controller
     container: Container | None = None
     boots: int = 0
     notes: dict = field(default_factory=dict)
@@ -138,6 +146,8 @@ class Deployment:
             "SG_E2E_PID": str(self.c.leader),
             "SG_WHEELHOUSE": str(self.wheelhouse),
             "SG_FERRETDB_BINARY": str(ferretdb_binary()),
+            "SG_E2E_TLS_CERT": str(self.tls[0]),
+            "SG_E2E_TLS_KEY": str(self.tls[1]),
         }
         cmd = [
             str(VENV_BIN / "ansible-playbook"),
@@ -168,18 +178,30 @@ class Deployment:
             return {"count": 0, "latest": [], "found": [], "error": r.stderr[-500:]}
         return json.loads(r.stdout)
 
-    def curl(self, path: str) -> tuple[int, str]:
+    @property
+    def api_token(self) -> str:
+        """The token the play generated for sensor_gateway_api_tokens: [e2e]."""
+        return (self.secrets / "api-token-e2e").read_text().strip()
+
+    def curl(self, path: str, token: str | None = "", scheme: str = "https") -> tuple[int, str]:
+        """GET through the API from outside the container, over HTTPS checked against
+        the test's certificate; ``token=None`` sends none, the default sends the play's."""
+        token = self.api_token if token == "" else token
+        auth = ["-H", f"Authorization: Bearer {token}"] if token is not None else []
         r = subprocess.run(
             [
                 "curl",
                 "-sS",
                 "--max-time",
                 "3",
+                "--cacert",
+                str(self.tls[0]),
+                *auth,
                 "-o",
                 "-",
                 "-w",
                 "\n%{http_code}",
-                f"http://{NET.container}:{API_PORT}{path}",
+                f"{scheme}://{NET.container}:{API_PORT}{path}",
             ],
             capture_output=True,
             text=True,
@@ -262,7 +284,13 @@ def dep() -> Iterator[Deployment]:
     subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(root)], check=True)
     TIMINGS["fresh copy of the rootfs"] = time.monotonic() - t0
 
-    d = Deployment(work=work, root=root, wheelhouse=wheelhouse, secrets=work / "secrets")
+    d = Deployment(
+        work=work,
+        root=root,
+        wheelhouse=wheelhouse,
+        secrets=work / "secrets",
+        tls=self_signed(work / "tls", NET.container),
+    )
     print(f"\ne2e work folder: {work}")
     try:
         d.boot()
@@ -319,6 +347,38 @@ def test_readings_within_15s(dep: Deployment) -> None:
         time.sleep(0.5)
     TIMINGS["first reading through the API (curl) after the play"] = time.monotonic() - t0
     assert '"temp-1"' in body, f"API gave no temp-1 readings within 15 s: {body[:500]}"
+
+
+def test_api_requires_the_token(dep: Deployment) -> None:
+    code, body = dep.curl("/readings/latest", token=None)
+    assert code == 401 and "bearer token" in body, (code, body)
+    assert dep.curl("/readings/latest", token="sgw_" + "x" * 43)[0] == 401
+    assert dep.curl("/healthz", token=None)[0] == 200
+    assert dep.curl("/readings/latest")[0] == 200
+    # Hashes only, readable by the service's group alone.
+    path = "/etc/sensor-gateway/api-tokens.json"
+    assert dep.c.run("stat", "-c", "%U:%G %a", path).stdout.split() == [
+        "root:sensor-gateway",
+        "640",
+    ]
+    assert dep.api_token not in dep.c.run("cat", path).stdout
+    # A token made on the host works at once; revoked, it is refused at once.
+    cli = ("/opt/sensor-gateway/venv/bin/sensor-gateway", "-c", "/etc/sensor-gateway/gateway.toml")
+    token = dep.c.run(*cli, "token", "add", "e2e-probe").stdout.strip()
+    assert dep.curl("/sensors", token=token)[0] == 200
+    dep.c.run(*cli, "token", "revoke", "e2e-probe")
+    assert dep.curl("/sensors", token=token)[0] == 401
+    assert dep.c.run("stat", "-c", "%U:%G %a", path).stdout.split() == [
+        "root:sensor-gateway",
+        "640",
+    ]
+    assert dep.c.is_active("sensor-api") == "active"
+    # HTTPS only, from credentials systemd hands to sensor-api alone.
+    assert dep.curl("/healthz", token=None, scheme="http")[0] != 200
+    drop_in = dep.c.run("cat", "/etc/systemd/system/sensor-api.service.d/tls.conf").stdout
+    assert "LoadCredential=api-tls-key:" in drop_in
+    key = "/etc/sensor-gateway/credentials/api-tls-key"
+    assert dep.c.run("stat", "-c", "%U:%G %a", key).stdout.split() == ["root:root", "600"]
 
 
 def test_anonymous_mqtt_refused_and_acl_holds(dep: Deployment) -> None:
