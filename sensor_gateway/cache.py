@@ -90,17 +90,19 @@ def store_latest(
     pipe.execute()
 
 
-def replace_latest(
-    r: redis.Redis, keys: Keys, sensor_id: str | None, docs: list[dict[str, Any]]
+def merge_latest(
+    r: redis.Redis, keys: Keys, sensor_id: str | None, docs: list[dict[str, Any]], n: int
 ) -> None:
-    """Rebuild one sensor's set (or the cross-sensor set for None) from MongoDB."""
+    """Add readings from MongoDB to a latest-N set, keeping the newest N: newer
+    readings written meanwhile stay (the same reading is the same member)."""
+    if not docs:
+        return
     key = keys.latest_all if sensor_id is None else keys.latest(sensor_id)
     pipe = r.pipeline(transaction=True)
-    pipe.delete(key)
-    if docs:
-        pipe.zadd(key, dict(_member(d) for d in docs))
-        if sensor_id is not None:
-            pipe.sadd(keys.sensors, sensor_id)
+    pipe.zadd(key, dict(_member(d) for d in docs))
+    pipe.zremrangebyrank(key, 0, -n - 1)
+    if sensor_id is not None:
+        pipe.sadd(keys.sensors, sensor_id)
     pipe.execute()
 
 

@@ -63,9 +63,7 @@ except _config.ConfigError as _exc:
 wsgi_app = "sensor_gateway.api:create_app()"
 bind = [_cfg.api.bind]
 # HTTPS when both are set (gunicorn loads them for every new connection).
-certfile = (
-    str(_cfg.credential_path(_cfg.api.tls_certfile)) if _cfg.api.tls_certfile else None
-)
+certfile = str(_cfg.credential_path(_cfg.api.tls_certfile)) if _cfg.api.tls_certfile else None
 keyfile = str(_cfg.credential_path(_cfg.api.tls_keyfile)) if _cfg.api.tls_keyfile else None
 workers = _cfg.api.workers
 threads = _cfg.api.threads

@@ -1,10 +1,12 @@
 """The ingester: receive → validate → batch → write → acknowledge.
 
 - receive: paho's network thread puts each QoS 1 message on a queue, unacked.
-  MQTT 5 Receive Maximum (batch_size * inflight_batches) and Maximum Packet
-  Size bound that queue in messages and in bytes, whatever the broker holds.
+  The queue holds at most Receive Maximum (batch_size * inflight_batches)
+  messages of at most Maximum Packet Size bytes: MQTT 5 asks the broker for
+  that window, and since Mosquitto 2.0.11 overruns it once it has filled, a
+  full queue also blocks paho's reading (TCP then holds the broker back).
   After a reconnect, a message still held from the earlier connection is
-  dropped when the broker redelivers it (same packet id and bytes), so copies
+  dropped when the broker redelivers it (same topic and bytes), so copies
   never pile up; one the broker does not redeliver within STALE_GRACE_S (it
   lost it in a crash) is written anyway, so nothing is lost either.
 - validate: the payload contract (:mod:`sensor_gateway.payload`), one message
@@ -28,11 +30,13 @@ acknowledge what is held, then disconnect.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -167,15 +171,19 @@ class Ingester:
             self.icfg.max_payload_bytes, self.icfg.max_future_skew_s, self.icfg.topic_identity
         )
         self.counters = Counters()
-        self.queue: queue.Queue[Incoming] = queue.Queue()
+        self.queue: queue.Queue[Incoming] = queue.Queue(maxsize=self.receive_maximum)
+        # Held messages the broker did not redeliver, taken before the queue.
+        self.backlog: collections.deque[Incoming] = collections.deque()
         self.stop_event = threading.Event()
         # Set first when stopping: from then on no new message is taken.
         self.draining = threading.Event()
         self.subscribed = threading.Event()
         self.connection = 0
-        # Messages held from an earlier connection, by (packet id, topic, payload),
-        # until the broker redelivers them or STALE_GRACE_S passes.
-        self.stale: dict[tuple[int, str, bytes], Incoming] = {}
+        # Messages held from an earlier connection, by (topic, payload), until the
+        # broker redelivers them or STALE_GRACE_S passes. Not by packet id: a
+        # broker restart may deliver the same message under another one.
+        self.stale: dict[tuple[str, bytes], list[Incoming]] = {}
+        self.stale_count = 0
         self._stale_until = 0.0
         self._stale_lock = threading.Lock()
         # Why the ingester gave up (a permanent database error), if it did.
@@ -184,8 +192,12 @@ class Ingester:
         self.redis = cache.connect(cfg)
         self.keys = cache.Keys(cfg.redis.key_prefix)
         self.redis_ok = True
-        # Sensors written while Redis was away: their latest-N is rebuilt on return.
+        # Sensors written while Redis was away: their latest-N is rebuilt on return,
+        # in a thread of its own (it reads MongoDB, which may take long).
         self.redis_dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._rebuild: threading.Thread | None = None
+        self._rebuild_db: Database | None = None
         self._redis_retry_at = 0.0
         self._retention_at = 0.0
         self.pending_rollups: storage.RollupAcc = {}
@@ -243,18 +255,30 @@ class Ingester:
                     m = self.queue.get_nowait()
                 except queue.Empty:
                     break
-                self.stale[(m.mid, m.topic, m.payload)] = m
+                self.stale.setdefault((m.topic, m.payload), []).append(m)
+                self.stale_count += 1
             self._stale_until = time.monotonic() + STALE_GRACE_S
 
+    def _redelivered(self, topic: str, payload: bytes) -> None:
+        """A message arrived: if we still hold a copy from before, drop that one."""
+        with self._stale_lock:
+            held = self.stale.get((topic, payload))
+            if held:
+                held.pop()
+                self.stale_count -= 1
+                self.counters.dropped_stale += 1
+                if not held:
+                    del self.stale[(topic, payload)]
+
     def release_stale(self, force: bool = False) -> None:
-        """After the grace period, queue what the broker did not redeliver (it lost
-        those in a crash): they are written, with no acknowledgement to send."""
-        if not self.stale or (not force and time.monotonic() < self._stale_until):
+        """After the grace period, take up what the broker did not redeliver (it
+        lost those in a crash): they are written, with no acknowledgement to send."""
+        if not self.stale_count or (not force and time.monotonic() < self._stale_until):
             return
         with self._stale_lock:
-            kept, self.stale = list(self.stale.values()), {}
-        for m in kept:
-            self.queue.put(m)
+            kept = [m for held in self.stale.values() for m in held]
+            self.stale, self.stale_count = {}, 0
+        self.backlog.extend(kept)
         self.counters.kept_stale += len(kept)
         log.warning(
             "%d messages held from before the reconnect were not redelivered "
@@ -283,21 +307,28 @@ class Ingester:
                 topic = msg.topic
             except UnicodeDecodeError:  # the broker should not let such a topic through
                 topic = msg._topic.decode("utf-8", errors="replace")
-            if self.stale:
-                with self._stale_lock:
-                    if self.stale.pop((msg.mid, topic, msg.payload), None) is not None:
-                        self.counters.dropped_stale += 1
-            self.queue.put(
-                Incoming(
-                    msg.mid,
-                    msg.qos,
-                    topic,
-                    msg.payload,
-                    datetime.now(UTC),
-                    time.monotonic(),
-                    self.connection,
-                )
+            if self.stale_count:
+                self._redelivered(topic, msg.payload)
+            m = Incoming(
+                msg.mid,
+                msg.qos,
+                topic,
+                msg.payload,
+                datetime.now(UTC),
+                time.monotonic(),
+                self.connection,
             )
+            # Full: wait here, so paho stops reading and TCP holds the broker back.
+            # (Acknowledgements still leave: ack() only queues them for this thread's
+            # loop, which a PUBACK does not need to wait for.)
+            while True:
+                try:
+                    self.queue.put(m, timeout=0.5)
+                    return
+                except queue.Full:
+                    if self.draining.is_set():
+                        self.counters.left_to_broker += 1
+                        return
         except Exception as exc:  # noqa: BLE001 - unacked, so the broker sends it again
             log_unexpected(exc, "bug: receiving a message raised")
 
@@ -353,6 +384,9 @@ class Ingester:
     # -- batch -------------------------------------------------------------------
 
     def collect(self, idle_timeout: float = 1.0) -> list[Incoming]:
+        if self.backlog:
+            n = min(len(self.backlog), self.icfg.batch_size)
+            return [self.backlog.popleft() for _ in range(n)]
         try:
             first = self.queue.get(timeout=idle_timeout)
         except queue.Empty:
@@ -434,46 +468,71 @@ class Ingester:
     def write_cache(self, new: list[dict]) -> None:
         now = time.monotonic()
         if not self.redis_ok:
-            self.redis_dirty.update(d["sensor_id"] for d in new)
-            if now < self._redis_retry_at:
+            self._mark_dirty(d["sensor_id"] for d in new)
+            if now < self._redis_retry_at or not self._redis_back():
                 return
-            if not self._redis_recover():
-                return
+        if self.redis_dirty and now >= self._redis_retry_at:
+            self._start_rebuild()
         try:
             cache.store_latest(
                 self.redis, self.keys, new, self.icfg.latest_n, counters=self.counters.as_dict()
             )
         except Exception as exc:  # noqa: BLE001 - Redis is best effort; never blocks acks
             log.warning("Redis write failed (%s); continuing without it", exc)
-            self.redis_dirty.update(d["sensor_id"] for d in new)
+            self._mark_dirty(d["sensor_id"] for d in new)
             self._redis_down()
+
+    def _mark_dirty(self, sensor_ids: Iterable[str]) -> None:
+        with self._dirty_lock:
+            self.redis_dirty.update(sensor_ids)
 
     def _redis_down(self) -> None:
         self.redis_ok = False
         self.counters.redis_errors += 1
         self._redis_retry_at = time.monotonic() + 2.0
 
-    def _redis_recover(self) -> bool:
-        """Redis is back: rebuild the latest-N sets touched meanwhile, from MongoDB."""
+    def _redis_back(self) -> bool:
         try:
             self.redis.ping()
-            n = self.icfg.latest_n
-            for sensor_id in sorted(self.redis_dirty):
-                cache.replace_latest(
-                    self.redis,
-                    self.keys,
-                    sensor_id,
-                    storage.latest_for_sensor(self.db, sensor_id, n),
-                )
-            cache.replace_latest(self.redis, self.keys, None, storage.latest_overall(self.db, n))
-        except Exception as exc:  # noqa: BLE001 - Redis or MongoDB away: try again later
+        except Exception as exc:  # noqa: BLE001 - still away: try again later
             log.debug("Redis still unavailable: %s", exc)
             self._redis_retry_at = time.monotonic() + 2.0
             return False
-        log.info("Redis is back; rebuilt latest readings of %d sensors", len(self.redis_dirty))
-        self.redis_dirty.clear()
+        log.info("Redis is back; rebuilding latest readings of %d sensors", len(self.redis_dirty))
         self.redis_ok = True
         return True
+
+    def _start_rebuild(self) -> None:
+        if self._rebuild is not None and self._rebuild.is_alive():
+            return
+        with self._dirty_lock:
+            sensors, self.redis_dirty = sorted(self.redis_dirty), set()
+        self._rebuild = threading.Thread(
+            target=self._rebuild_latest, args=(sensors,), name="redis-rebuild", daemon=True
+        )
+        self._rebuild.start()
+
+    def _rebuild_latest(self, sensors: list[str]) -> None:
+        """Merge each sensor's newest N from MongoDB into Redis. Off the ingest path:
+        on FerretDB this reads whole collections, which can take minutes."""
+        n = self.icfg.latest_n
+        try:
+            if self._rebuild_db is None:
+                self._rebuild_db = storage.connect(
+                    self.cfg, appname="sensor-ingest-rebuild", socketTimeoutMS=600_000
+                )
+            for i, sensor_id in enumerate(sensors):
+                docs = storage.latest_for_sensor(self._rebuild_db, sensor_id, n)
+                cache.merge_latest(self.redis, self.keys, sensor_id, docs, n)
+                sensors[i] = ""
+            cache.merge_latest(
+                self.redis, self.keys, None, storage.latest_overall(self._rebuild_db, n), n
+            )
+            log.info("rebuilt the latest readings of %d sensors in Redis", len(sensors))
+        except Exception as exc:  # noqa: BLE001 - retried after the next write
+            log.warning("rebuilding latest readings in Redis failed (%s); will retry", exc)
+            self._mark_dirty(s for s in sensors if s)
+            self._redis_retry_at = time.monotonic() + 5.0
 
     # -- acknowledge -------------------------------------------------------------
     # Redis and the PUBACKs run in a thread of their own (the finisher), after the
@@ -497,7 +556,7 @@ class Ingester:
             try:
                 item = self.finishing.get(timeout=1.0)
             except queue.Empty:
-                if not self.redis_ok and self.redis_dirty:
+                if self.redis_dirty:
                     self.write_cache([])  # Redis may be back: rebuild what it missed
                 continue
             if item is None:
