@@ -3,8 +3,10 @@
 - receive: paho's network thread puts each QoS 1 message on a queue, unacked.
   The queue holds at most Receive Maximum (batch_size * inflight_batches)
   messages of at most Maximum Packet Size bytes: MQTT 5 asks the broker for
-  that window, and since Mosquitto 2.0.11 overruns it once it has filled, a
-  full queue also blocks paho's reading (TCP then holds the broker back).
+  that window, and since Mosquitto 2.0.11 overruns it once acknowledgements
+  flow, a full queue also blocks paho's reading while the loop consumes (TCP
+  then holds the broker back). Before the loop runs nothing is acknowledged,
+  so the window holds, and paho must stay free to read the SUBACK start() awaits.
   After a reconnect, a message still held from the earlier connection is
   dropped when the broker redelivers it (same topic and bytes), so copies
   never pile up; one the broker does not redeliver within STALE_GRACE_S (it
@@ -171,7 +173,9 @@ class Ingester:
             self.icfg.max_payload_bytes, self.icfg.max_future_skew_s, self.icfg.topic_identity
         )
         self.counters = Counters()
-        self.queue: queue.Queue[Incoming] = queue.Queue(maxsize=self.receive_maximum)
+        self.queue: queue.Queue[Incoming] = queue.Queue()
+        # Set while the loop takes from the queue: only then may a full one block.
+        self.consuming = threading.Event()
         # Held messages the broker did not redeliver, taken before the queue.
         self.backlog: collections.deque[Incoming] = collections.deque()
         self.stop_event = threading.Event()
@@ -321,14 +325,12 @@ class Ingester:
             # Full: wait here, so paho stops reading and TCP holds the broker back.
             # (Acknowledgements still leave: ack() only queues them for this thread's
             # loop, which a PUBACK does not need to wait for.)
-            while True:
-                try:
-                    self.queue.put(m, timeout=0.5)
+            while self.consuming.is_set() and self.queue.qsize() >= self.receive_maximum:
+                if self.draining.is_set():
+                    self.counters.left_to_broker += 1
                     return
-                except queue.Full:
-                    if self.draining.is_set():
-                        self.counters.left_to_broker += 1
-                        return
+                time.sleep(0.005)
+            self.queue.put(m)
         except Exception as exc:  # noqa: BLE001 - unacked, so the broker sends it again
             log_unexpected(exc, "bug: receiving a message raised")
 
@@ -646,6 +648,7 @@ class Ingester:
     def run(self) -> None:
         self._finisher = threading.Thread(target=self._finisher_loop, name="finisher", daemon=True)
         self._finisher.start()
+        self.consuming.set()
         try:
             while not self.stop_event.is_set():
                 try:
