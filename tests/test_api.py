@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from sensor_gateway import storage
 from sensor_gateway.api import create_app
 from sensor_gateway.localstack import Stack
 from tests.api_helpers import iso, now_utc, publish_readings, series, sleep_until_second
-from tests.helpers import Gateway
+from tests.helpers import Gateway, wait_for
 
 PROBLEM = "application/problem+json"
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -269,6 +270,12 @@ def test_averages_from_rollups(gw: Gateway, client: FlaskClient) -> None:
     publish_readings(
         gw,
         [{"sensor_id": sid, "value": v, "timestamp": ts, "kind": "avgkind"} for ts, v in pts],
+    )
+    # Rollups are flushed once a second, after the readings are stored.
+    wait_for(
+        lambda: sum(d["count"] for d in gw.db[storage.ROLLUPS].find({"sensor_id": sid})) == 5,
+        10,
+        what="the rollups",
     )
     r = client.get(f"/stats/averages?sensor_id={sid}")
     assert r.status_code == 200
