@@ -4,13 +4,14 @@
 #   make test-systemd the units inside a real systemd (systemd-nspawn container)
 #   make e2e          Ansible deployment into a fresh container, end to end
 #   make bench        the benchmarks (one JSON line each)
+#   make screenshot   docs/dashboard.png and docs/sensor.png (Playwright + Debian's chromium)
 #   make soak         the chaos soak, ~10 minutes (SOAK_SECONDS=, SOAK_SEED=), one JSON line
 #   make fuzz         atheris fuzzing of the payload contract and the batch path,
 #                     FUZZ_SECONDS (default 600) in all, one JSON line
 #   make lint         ruff and ansible-lint
 PY := .venv/bin/python
 
-.PHONY: deps deps-systemd deps-deploy run test test-systemd e2e bench soak fuzz lint clean
+.PHONY: deps deps-systemd deps-deploy run test test-systemd e2e bench screenshot soak fuzz lint clean
 
 deps:
 	.ci/install-deps.sh base
@@ -36,6 +37,10 @@ e2e: deps-deploy
 bench: deps
 	$(PY) bench/ingest.py
 	$(PY) bench/api.py
+	$(PY) bench/export.py
+
+screenshot: deps
+	$(PY) docs/screenshot.py
 
 SOAK_SECONDS ?= 600
 SOAK_SEED ?=

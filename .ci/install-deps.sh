@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the gateway's local pipeline and tests need on a Debian machine:
 #   base:    mosquitto, redis-server, rabbitmq-server, python3-venv, Go (for FerretDB),
+#            chromium (the dashboard's browser tests drive it through Playwright),
 #            FerretDB 1.24 built into .cache/bin, and .venv with the package + test extras
 #   systemd: + systemd-container, debootstrap (the nspawn tests)
 #   deploy:  + ansible, ansible-lint, iptables, curl (the end-to-end deployment)
@@ -15,6 +16,8 @@ want=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || want+=("$1"); }
 need mosquitto; need mosquitto-clients; need redis-server; need rabbitmq-server
 need python3-venv; need ca-certificates
+# Debian's browser for the Playwright tests (executable /usr/bin/chromium; no browser download).
+need chromium
 for g in "${groups[@]}"; do
   case "$g" in
     base) ;;

@@ -6,13 +6,34 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import requests
 
+from sensor_gateway.localstack import Stack
 from tests.helpers import Gateway, wait_for
+
+
+def api_gateway(
+    stack: Stack,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    tokens: bool = False,
+    **api: Any,
+) -> Iterator[Gateway]:
+    """A module's gateway for API tests: its own database, a running ingester, and
+    (with ``tokens``) a token file of its own."""
+    g = Gateway(stack, tmp_path_factory.mktemp(name), uuid.uuid4().hex[:8])
+    if tokens:
+        api["tokens_file"] = str(g.tmp / "api-tokens.json")
+    if api:
+        g.set(api=api)
+    g.start_ingester()
+    yield g
+    g.close()
 
 
 def iso(dt: datetime) -> str:

@@ -19,7 +19,14 @@ from flask.testing import FlaskClient
 from sensor_gateway import storage
 from sensor_gateway.api import create_app
 from sensor_gateway.localstack import Stack
-from tests.api_helpers import iso, now_utc, publish_readings, series, sleep_until_second
+from tests.api_helpers import (
+    api_gateway,
+    iso,
+    now_utc,
+    publish_readings,
+    series,
+    sleep_until_second,
+)
 from tests.helpers import Gateway, wait_for
 
 PROBLEM = "application/problem+json"
@@ -28,11 +35,7 @@ T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def gw(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(stack, tmp_path_factory.mktemp("api"), uuid.uuid4().hex[:8])
-    g.set(api={"cache_ttl_s": 2.0})
-    g.start_ingester()
-    yield g
-    g.close()
+    yield from api_gateway(stack, tmp_path_factory, "api", cache_ttl_s=2.0)
 
 
 @pytest.fixture(scope="module")

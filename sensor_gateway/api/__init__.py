@@ -15,7 +15,9 @@ from sensor_gateway import config as config_mod
 from sensor_gateway.api import (
     auth,
     compat,
+    dashboard,
     errors,
+    export,
     health,
     metrics,
     readings,
@@ -60,16 +62,19 @@ def create_app(cfg: config_mod.Config | None = None) -> APIFlask:
         SECURITY_SCHEMES={"bearerAuth": {"type": "http", "scheme": "bearer"}},
     )
     app.extensions["sensor_gateway"] = Services(cfg)
+    dashboard.configure_docs(app)  # /docs from the gateway's own copy of Swagger UI
     errors.register(app)
     metrics.register(app)  # first: its timer starts before a request can be refused
     auth.register(app, cfg)
     for bp in (
         readings.bp,
+        export.bp,
         stream.bp,
         sensors.bp,
         stats.bp,
         health.bp,
         compat.bp,
+        dashboard.bp,
     ):
         app.register_blueprint(bp)
 

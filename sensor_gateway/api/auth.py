@@ -19,19 +19,23 @@ A missing, malformed, unknown or revoked token is a 401
 ``error="invalid_token"`` when a token was sent). An unreadable token file
 fails closed: 503 for every request that would need a token.
 
-The browser dashboard (a later issue) will need a same-origin session, since
-a browser cannot attach a bearer header to a page load or an EventSource: it
-fits in :func:`authenticate` as one more way to name the caller (a signed
-session cookie), checked before the bearer header, leaving the rest as is.
+The browser dashboard uses a same-origin session, since a browser cannot
+attach a bearer header to a page load or an EventSource: :func:`authenticate`
+takes a signed session cookie (:mod:`sensor_gateway.api.session`, made by
+``/login``) as one more way to name the caller, checked before the bearer
+header. A page (``PAGE_ENDPOINTS``) refused for want of credentials redirects
+to ``/login`` instead of answering 401.
 """
 
 from __future__ import annotations
 
 import logging
+from urllib.parse import quote
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, redirect, request
 
 from sensor_gateway import tokens
+from sensor_gateway.api import session
 from sensor_gateway.api.errors import problem
 from sensor_gateway.config import Config
 from sensor_gateway.logs import RateLimitedLogger
@@ -42,7 +46,19 @@ _store_log = RateLimitedLogger(log, per_minute=2)
 
 REALM = "sensor-gateway"
 # Endpoints (blueprint.view names) that never need a token.
-OPEN_ENDPOINTS = frozenset({"health.healthz"})
+OPEN_ENDPOINTS = frozenset(
+    {
+        "health.healthz",
+        # The dashboard's login and logout, and its public assets (CSS, JS, Swagger UI).
+        "dashboard.login",
+        "dashboard.login_post",
+        "dashboard.logout",
+        "dashboard.docs_asset",
+        "static",
+    }
+)
+# Pages for people: without credentials they redirect to /login rather than 401.
+PAGE_ENDPOINTS = frozenset({"dashboard.index", "dashboard.sensor", "openapi.docs"})
 # Endpoints a loopback client may call without a token.
 LOOPBACK_ENDPOINTS = frozenset({"health.metrics_view"})
 
@@ -65,6 +81,9 @@ class Denied(Exception):
 
 def authenticate(snapshot: tokens.Snapshot) -> str:
     """The name of the token the request carries; raises Denied otherwise."""
+    name = session.from_request(snapshot, request)
+    if name is not None:
+        return name
     header = request.headers.get("Authorization")
     if header is None:
         raise Denied(
@@ -115,5 +134,7 @@ def register(app: Flask, cfg: Config) -> None:
                 request.remote_addr,
                 denied.detail,
             )
+            if request.endpoint in PAGE_ENDPOINTS and request.method == "GET":
+                return redirect("/login?next=" + quote(request.full_path.rstrip("?")), 303)
             return denied.response()
         return None
