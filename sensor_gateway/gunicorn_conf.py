@@ -50,14 +50,13 @@ from gunicorn.glogging import Logger as _GunicornLogger
 from sensor_gateway import config as _config
 from sensor_gateway import logs as _logs
 from sensor_gateway import tokens as _tokens
-from sensor_gateway.api import session as _session
 from sensor_gateway.notify import Notifier
 
 try:
     _cfg = _config.load()
     # Dashboard sessions are signed with a secret every worker shares: made here,
     # in the master, and inherited through the environment at fork.
-    _session.ensure_secret()
+    _tokens.session_secret()
     _access = _tokens.check_startup(_cfg)
 except _config.ConfigError as _exc:
     # gunicorn would print a traceback for an exception: say it in one line.

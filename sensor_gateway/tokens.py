@@ -85,6 +85,20 @@ def check_token_text(token: str) -> str:
     return token
 
 
+# The dashboard's session secret (see sensor_gateway.api.session). It lives here,
+# not in the api package, so gunicorn's master can make it without importing the
+# app (whose metrics must be created in the workers, after the multiprocess setup).
+SESSION_SECRET_ENV = "SENSOR_GATEWAY_SESSION_KEY"
+
+
+def session_secret() -> bytes:
+    """This process's session secret; made on first use unless a parent made one
+    (gunicorn's master does, so that every worker signs with the same)."""
+    if not os.environ.get(SESSION_SECRET_ENV):
+        os.environ[SESSION_SECRET_ENV] = secrets.token_hex(32)
+    return bytes.fromhex(os.environ[SESSION_SECRET_ENV])
+
+
 def tokens_path(cfg: Config) -> Path:
     p = Path(cfg.api.tokens_file)
     return p if p.is_absolute() else cfg.base_dir / p

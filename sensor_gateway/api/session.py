@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 import time
 
 from flask import Request, Response
@@ -31,18 +29,8 @@ LIFETIME_S = 12 * 3600
 _LABEL = b"sensor-gateway dashboard session v1"
 
 
-SECRET_ENV = "SENSOR_GATEWAY_SESSION_KEY"
-
-
-def ensure_secret() -> None:
-    """Make this process's session secret, unless a parent made one to share."""
-    if not os.environ.get(SECRET_ENV):
-        os.environ[SECRET_ENV] = secrets.token_hex(32)
-
-
 def _key(digest: str) -> bytes:
-    ensure_secret()
-    secret = bytes.fromhex(os.environ[SECRET_ENV])
+    secret = tokens.session_secret()
     return hmac.new(secret, _LABEL + bytes.fromhex(digest), hashlib.sha256).digest()
 
 
