@@ -223,7 +223,6 @@ class MongoServer(Service):
     With ``auth`` = (database, user, password) the server requires that user."""
 
     name: str = "mongodb"
-    debug_port: int = field(default_factory=free_port)
     engine: str = ""
     auth: tuple[str, str, str] | None = None
 
@@ -266,7 +265,9 @@ class MongoServer(Service):
             "--handler=sqlite",
             f"--sqlite-url=file:{data}/",
             f"--listen-addr=127.0.0.1:{self.port}",
-            f"--debug-addr=127.0.0.1:{self.debug_port}",
+            # No debug listener: nothing here reads it, and a port picked free can
+            # be taken (by any outgoing connection) before FerretDB binds it.
+            "--debug-addr=-",
             f"--state-dir={self.dir}",
             "--telemetry=disable",
             "--log-level=warn",
@@ -368,8 +369,17 @@ class Stack:
 
     def start(self) -> None:
         for s in (self.mosquitto, self.redis, self.mongo):
-            s.prepare()
-            s.start()
+            for attempt in range(3):
+                s.prepare()
+                try:
+                    s.start()
+                    break
+                except RuntimeError:
+                    # A port picked free was taken before the service bound it:
+                    # on a first start a fixed port is not yet promised to anyone.
+                    if attempt == 2 or s.port in self.ports.values():
+                        raise
+                    s.port = free_port()
         self.secrets_dir.mkdir(exist_ok=True, mode=0o700)
         for user, pw in self.mosquitto.passwords.items():
             _write_secret(self.secrets_dir / f"mqtt-{user.removeprefix('sensor-')}-password", pw)
