@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from sensor_gateway.api import create_app
 from sensor_gateway.config import ConfigError, build
 from sensor_gateway.localstack import REPO, Stack
 from tests.api_helpers import free_port, wait_http
-from tests.helpers import Gateway, wait_for
+from tests.helpers import Gateway, NotifySocket, wait_for
 
 PROBLEM = "application/problem+json"
 OUTSIDE = "192.0.2.10"  # TEST-NET-1: a client that is not on loopback
@@ -489,25 +488,10 @@ def test_live_tls_serves_https_and_reports_ready(agw: Gateway, tmp_path: Path) -
     creds = tmp_path / "creds"
     creds.mkdir()
     key.rename(creds / "api-tls-key")
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(0.2)
-    messages: list[str] = []
-    stop = threading.Event()
-
-    def collect() -> None:
-        while not stop.is_set():
-            try:
-                messages.append(notify.recv(4096).decode())
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    threading.Thread(target=collect, daemon=True).start()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    messages = notify.messages
     extra = {
-        "NOTIFY_SOCKET": notify_path,
+        "NOTIFY_SOCKET": notify.path,
         "WATCHDOG_USEC": "2000000",
         "CREDENTIALS_DIRECTORY": str(creds),
     }
@@ -538,7 +522,6 @@ def test_live_tls_serves_https_and_reports_ready(agw: Gateway, tmp_path: Path) -
         wait_for(lambda: any("READY=1" in m for m in messages), 30, what="READY=1 over HTTPS")
         wait_for(lambda: any("WATCHDOG=1" in m for m in messages), 20, what="WATCHDOG=1")
     finally:
-        stop.set()
         notify.close()
         if proc.poll() is None:
             proc.terminate()

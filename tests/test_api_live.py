@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ import requests
 
 from sensor_gateway.localstack import Stack
 from tests.api_helpers import free_port, now_utc, publish_readings, series, wait_http
-from tests.helpers import Gateway, wait_for
+from tests.helpers import Gateway, NotifySocket, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +26,8 @@ def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     port = free_port()
     gw.set(api={"bind": f"127.0.0.1:{port}", "workers": 2, "threads": 4})
     gw.start_ingester()
-    # A notify socket of our own, standing in for systemd's.
-    sock_path = str(tmp / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(sock_path)
-    notify.settimeout(0.2)
-    messages: list[str] = []
-    stop = threading.Event()
-
-    def collect() -> None:
-        while not stop.is_set():
-            try:
-                messages.append(notify.recv(4096).decode())
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    t = threading.Thread(target=collect, daemon=True)
-    t.start()
-    os.environ["NOTIFY_SOCKET"] = sock_path
+    notify = NotifySocket(tmp / "notify.sock")
+    os.environ["NOTIFY_SOCKET"] = notify.path
     os.environ["WATCHDOG_USEC"] = "2000000"
     try:
         proc = gw.spawn("api")
@@ -55,10 +36,9 @@ def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         os.environ.pop("WATCHDOG_USEC")
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/healthz")
-    gw.notify_messages = messages  # type: ignore[attr-defined]
+    gw.notify_messages = notify.messages  # type: ignore[attr-defined]
     gw.api_proc = proc  # type: ignore[attr-defined]
     yield gw, base
-    stop.set()
     if proc.poll() is None:
         proc.terminate()
         proc.wait(20)
