@@ -184,8 +184,9 @@ class Ingester:
         self.subscribed = threading.Event()
         self.connection = 0
         # Messages held from an earlier connection, by (topic, payload), until the
-        # broker redelivers them or STALE_GRACE_S passes. Not by packet id: a
-        # broker restart may deliver the same message under another one.
+        # broker redelivers them or STALE_GRACE_S passes. By bytes, not packet id:
+        # the bytes are the message's own, the id is the broker's to assign (it kept
+        # them across a graceful restart here, but nothing promises that).
         self.stale: dict[tuple[str, bytes], list[Incoming]] = {}
         self.stale_count = 0
         self._stale_until = 0.0
