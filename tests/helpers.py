@@ -152,12 +152,13 @@ class Gateway:
             t.join(30)
         self.ingesters.clear()
 
-    def spawn(self, *args: str) -> subprocess.Popen:
-        """Run ``sensor-gateway <args>`` as a real process with this configuration."""
+    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Run ``sensor-gateway <args>`` as a real process with this configuration;
+        ``env`` adds to its environment (e.g. a NOTIFY_SOCKET)."""
         path = self.write_config()
         log_path = self.tmp / f"{args[0]}-{len(self.procs)}.log"
         log = open(log_path, "wb")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         p = subprocess.Popen(
             [sys.executable, "-m", "sensor_gateway", "-c", str(path), *args],
             stdout=log,

@@ -364,10 +364,12 @@ def test_openapi_declares_bearer_auth(agw: Gateway) -> None:
 # -- `sensor-gateway api` as a real gunicorn -------------------------------------------------
 
 
-def spawn_api(gw: Gateway, **api: Any) -> tuple[subprocess.Popen, int]:
+def spawn_api(
+    gw: Gateway, env: dict[str, str] | None = None, **api: Any
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     gw.set(api={"bind": f"127.0.0.1:{port}", "workers": 1, "threads": 2, **api})
-    return gw.spawn("api"), port
+    return gw.spawn("api", env=env), port
 
 
 def test_live_gunicorn_token_then_revoke(agw: Gateway) -> None:
@@ -495,12 +497,7 @@ def test_live_tls_serves_https_and_reports_ready(agw: Gateway, tmp_path: Path) -
         "WATCHDOG_USEC": "2000000",
         "CREDENTIALS_DIRECTORY": str(creds),
     }
-    os.environ.update(extra)
-    try:
-        proc, port = spawn_api(agw, tls_certfile=str(cert), tls_keyfile="api-tls-key")
-    finally:
-        for k in extra:
-            os.environ.pop(k)
+    proc, port = spawn_api(agw, env=extra, tls_certfile=str(cert), tls_keyfile="api-tls-key")
     try:
         base = f"https://127.0.0.1:{port}"
 

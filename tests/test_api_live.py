@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -27,13 +26,7 @@ def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     gw.set(api={"bind": f"127.0.0.1:{port}", "workers": 2, "threads": 4})
     gw.start_ingester()
     notify = NotifySocket(tmp / "notify.sock")
-    os.environ["NOTIFY_SOCKET"] = notify.path
-    os.environ["WATCHDOG_USEC"] = "2000000"
-    try:
-        proc = gw.spawn("api")
-    finally:
-        os.environ.pop("NOTIFY_SOCKET")
-        os.environ.pop("WATCHDOG_USEC")
+    proc = gw.spawn("api", env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/healthz")
     gw.notify_messages = notify.messages  # type: ignore[attr-defined]

@@ -344,12 +344,8 @@ class IngesterSupervisor:
         self._monitor = threading.Thread(target=self._watch, name="ingester-monitor", daemon=True)
 
     def _spawn(self) -> None:
-        with self.spawn_lock:
-            os.environ["NOTIFY_SOCKET"] = str(self.notify.path)
-            try:
-                self.proc = self.gw.spawn("ingest")
-            finally:
-                os.environ.pop("NOTIFY_SOCKET", None)
+        with self.spawn_lock:  # Gateway.spawn writes the config and its process list
+            self.proc = self.gw.spawn("ingest", env={"NOTIFY_SOCKET": str(self.notify.path)})
         self.started = time.monotonic()
         self.spawns += 1
 
