@@ -120,6 +120,14 @@ def ensure_indexes(db: Database) -> None:
     db[REJECTED].create_index([("received_at", DESCENDING)], name="received_at")
 
 
+def _raise_unless_document(write_error: dict[str, Any], exc: BulkWriteError) -> None:
+    """A bulk write's error about one document stays with that document; any other
+    (transient, permanent) is raised as the OperationFailure it stands for."""
+    probe = OperationFailure(write_error.get("errmsg", ""), write_error.get("code"))
+    if classify(probe) != DOCUMENT:
+        raise probe from exc
+
+
 def unencodable(doc: dict[str, Any]) -> str | None:
     """Why ``doc`` cannot be sent as BSON, or None if it can."""
     try:
@@ -159,9 +167,7 @@ def insert_readings(db: Database, docs: list[dict[str, Any]]) -> Inserted:
                 out.duplicates += 1
                 failed[e["index"]] = ""
                 continue
-            probe = OperationFailure(e.get("errmsg", ""), code)
-            if classify(probe) != DOCUMENT:
-                raise probe from exc
+            _raise_unless_document(e, exc)
             failed[e["index"]] = f"MongoDB refused the reading: {e.get('errmsg', '')} (code {code})"
         for i, d in enumerate(docs):
             if i not in failed:
@@ -284,9 +290,7 @@ def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> list[tuple[di
         for e in exc.details.get("writeErrors", []):
             if e.get("code") == DUPLICATE_KEY:
                 continue
-            probe = OperationFailure(e.get("errmsg", ""), e.get("code"))
-            if classify(probe) != DOCUMENT:
-                raise probe from exc
+            _raise_unless_document(e, exc)
             unstored.append((rejects[e["index"]], f"{e.get('errmsg', '')} (code {e.get('code')})"))
         return unstored
     return []
