@@ -116,6 +116,15 @@ def cmd_api(args: argparse.Namespace) -> int:
     from sensor_gateway import tokens
 
     cfg = _load(args)  # a bad configuration stops here, with the key named
+    from sensor_gateway import storage
+
+    try:
+        storage.check_layout(storage.connect(cfg, appname="sensor-api-check"))
+    except storage.LayoutError as exc:
+        print(f"sensor-gateway api: {exc}", file=sys.stderr)
+        return 78
+    except storage.Unavailable:
+        pass  # the API starts anyway and answers 503 until MongoDB is back
     # So does an API that would serve beyond loopback without any token
     # (gunicorn's configuration checks it again, for gunicorn run directly).
     tokens.check_startup(cfg)
@@ -160,17 +169,62 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0 if printed or args.follow else 1
 
 
-def cmd_rebuild_rollups(args: argparse.Namespace) -> int:
-    from sensor_gateway import storage
-    from sensor_gateway.payload import Reject, parse_time
+class Progress:
+    """A progress line on stderr: a bar on a terminal, a line every 5 s otherwise."""
+
+    def __init__(self, verb: str, total: int | None) -> None:
+        import time
+
+        self.verb, self.total, self.n = verb, total, 0
+        self.tty = sys.stderr.isatty()
+        self._clock = time.monotonic
+        self.t0 = self.last = self._clock()
+
+    def update(self, n: int) -> None:
+        self.n = n
+        now = self._clock()
+        if now - self.last >= (0.2 if self.tty else 5.0):
+            self.last = now
+            self.show()
+
+    def show(self, done: bool = False) -> None:
+        n, total = self.n, self.total
+        rate = n / max(self._clock() - self.t0, 1e-6)
+        pct = f" {min(100.0, 100.0 * n / total):5.1f}%" if total else ""
+        line = f"{self.verb}{pct} {n:,} readings ({rate:,.0f}/s)"
+        if self.tty:
+            width = 30
+            filled = int(width * min(1.0, n / total)) if total else 0
+            bar = f"[{'#' * filled}{'.' * (width - filled)}] " if total else ""
+            print(f"\r{bar}{line}", end="\n" if done else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from sensor_gateway import migrate, storage
 
     cfg = _load(args)
-    since = parse_time(args.since, "--since")
-    if isinstance(since, Reject):
-        print(f"sensor-gateway: {since.reason}", file=sys.stderr)
-        return 2
-    n = storage.rebuild_rollups(storage.connect(cfg, appname="sensor-gateway-cli"), since)
-    print(f"rebuilt rollups from {n} readings since {since.isoformat()}")
+    db = storage.connect(cfg, appname="sensor-gateway-migrate", socketTimeoutMS=600_000)
+    if not migrate.pending(db):
+        storage.check_layout(db)
+        print(f"nothing to migrate: the database {db.name!r} is in the current layout")
+        return 0
+    bar = Progress("migrated", None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done)
+
+    counts = migrate.run(db, progress)
+    bar.show(done=True)
+    storage.prepare(db, cfg)
+    print(
+        f"moved {counts['moved']:,} readings into the current layout "
+        f"({counts['seen'] - counts['moved'] - counts['skipped']:,} already there, "
+        f"{counts['skipped']:,} unreadable left in readings_v1); the old collections are "
+        "now readings_v1 and rollups_minute_v1: drop them once satisfied"
+    )
     return 0
 
 
@@ -254,12 +308,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     """What ``GET /readings/export`` sends, written to a file (atomically) or stdout,
     straight from the database, with a progress line on stderr."""
     import tempfile
-    import time
     from pathlib import Path
 
     from marshmallow import ValidationError
 
-    from sensor_gateway import storage
+    from sensor_gateway import queries, storage
     from sensor_gateway.api import export
 
     cfg = config_mod.load(args.config)
@@ -286,39 +339,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     db = storage.connect(cfg, appname="sensor-gateway-export")
     total = None
     if not any(given[k] is not None for k in given if k not in ("format", "order")):
-        total = db[storage.READINGS].estimated_document_count()
-    tty = sys.stderr.isatty()
-    n = 0
-    t0 = last = time.monotonic()
-
-    def progress(done: bool = False) -> None:
-        rate = n / max(time.monotonic() - t0, 1e-6)
-        pct = f" {min(100.0, 100.0 * n / total):5.1f}%" if total else ""
-        line = f"exported{pct} {n:,} readings ({rate:,.0f}/s)"
-        if tty:
-            width = 30
-            filled = int(width * min(1.0, n / total)) if total else 0
-            bar = f"[{'#' * filled}{'.' * (width - filled)}] " if total else ""
-            print(f"\r{bar}{line}", end="\n" if done else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        total = queries.count_all(queries.Reader(db))
+    bar = Progress("exported", total)
 
     def counted() -> Any:
-        nonlocal n, last
         for row in export.iter_readings(db, q):
-            n += 1
             yield row
-            now = time.monotonic()
-            if now - last >= (0.2 if tty else 5.0):
-                last = now
-                progress()
+            bar.update(bar.n + 1)
 
     out_path = None if args.output == "-" else Path(args.output)
     if out_path is None:
         for chunk in export.chunks(counted(), data["format"]):
             sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
-        progress(done=True)
+        bar.show(done=True)
         return 0
     fd, tmp = tempfile.mkstemp(dir=out_path.parent or ".", prefix=f".{out_path.name}.")
     try:
@@ -329,7 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except BaseException:
         os.unlink(tmp)
         raise
-    progress(done=True)
+    bar.show(done=True)
     return 0
 
 
@@ -401,11 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser(
-        "rebuild-rollups",
-        help="recompute per-minute rollups from readings (after a crash; ingester stopped)",
+        "migrate",
+        help="move readings of the old one-document-per-reading layout into the current "
+        "one (idempotent, resumable; sensor-ingest stopped)",
     )
-    s.add_argument("--since", required=True, help="ISO 8601 time; minutes from here on")
-    s.set_defaults(func=cmd_rebuild_rollups)
+    s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("simulate", help="run the sensor simulator (publishes readings)")
     s.add_argument(

@@ -50,6 +50,10 @@ class MongoConfig:
     password_file: str = ""
     # How long one server call may take before it counts as "down".
     timeout_ms: int = 5000
+    # FerretDB's SQLite folder (its --sqlite-url): the gateway adds there, at
+    # start-up, the SQL index FerretDB 1.24 lacks for reads by `_id` (see
+    # ferretdb.py). Empty: not done; a warning names each collection read slowly.
+    ferretdb_sqlite_dir: str = ""
 
 
 @dataclass
@@ -82,15 +86,17 @@ class IngestConfig:
     # topic's third level is the sensor id and a payload claiming another is a reject.
     topic_identity: bool = False
     latest_n: int = 10
-    # Rollup upserts are folded in memory and written this often: one upsert per
-    # sensor-minute instead of one per batch. A crash loses at most this much of the
-    # rollups (never readings); `sensor-gateway rebuild-rollups` recomputes them.
-    rollup_flush_s: float = 1.0
     # Raw payload kept with a reject, bytes.
     reject_payload_bytes: int = 1024
     # Rejects logged at warning level per minute; the rest are counted only.
     reject_log_per_min: int = 20
+    # Raw readings (and per-minute summaries) are kept this many days; 0 keeps all.
     retention_days: int = 0
+    # Hourly and daily summaries (averages, status counts) are kept this many days;
+    # 0 keeps them forever: years of statistics fit on a Pi's disk.
+    summary_retention_days: int = 0
+    # How often the retention sweep runs (in its own thread, off the ingest path).
+    retention_interval_s: float = 3600.0
     stats_topic: str = "stats/averages"
     stats_interval_s: float = 10.0
     stats_windows: list[str] = field(default_factory=lambda: ["1m", "5m", "30m"])
@@ -134,6 +140,12 @@ class ApiConfig:
     threads: int = 4
     cache_ttl_s: float = 5.0
     max_limit: int = 1000
+    # Documents one request may read: a request that would read more gets a 422
+    # naming this key (narrow its start/end), never a long scan.
+    max_documents: int = 5000
+    # Server-side time limit of each database call the API makes (maxTimeMS); kept
+    # below gunicorn's timeout so a slow call fails as a 503, not a killed worker.
+    query_time_limit_ms: int = 10000
     mqtt_username: str = "sensor-api"
     mqtt_password_file: str = ""
     # Bearer tokens (their SHA-256 only), managed with `sensor-gateway token add|list|revoke`.
@@ -293,7 +305,9 @@ def validate(cfg: Config) -> None:
     positive("ingest.max_payload_bytes", cfg.ingest.max_payload_bytes)
     positive("ingest.latest_n", cfg.ingest.latest_n)
     positive("ingest.stats_interval_s", cfg.ingest.stats_interval_s)
-    positive("ingest.rollup_flush_s", cfg.ingest.rollup_flush_s)
+    positive("ingest.retention_interval_s", cfg.ingest.retention_interval_s)
+    positive("api.max_documents", cfg.api.max_documents)
+    positive("api.query_time_limit_ms", cfg.api.query_time_limit_ms)
     positive("api.workers", cfg.api.workers)
     positive("api.threads", cfg.api.threads)
     if not 0 < cfg.api.max_limit <= 1000:
@@ -308,8 +322,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "ingest.batch_size * ingest.inflight_batches: exceeds MQTT's Receive Maximum 65535"
         )
-    if cfg.ingest.retention_days < 0:
-        raise ConfigError(f"ingest.retention_days: must be >= 0, got {cfg.ingest.retention_days}")
+    for name in ("retention_days", "summary_retention_days"):
+        if getattr(cfg.ingest, name) < 0:
+            raise ConfigError(f"ingest.{name}: must be >= 0, got {getattr(cfg.ingest, name)}")
+    if 0 < cfg.ingest.summary_retention_days < cfg.ingest.retention_days or (
+        cfg.ingest.summary_retention_days and not cfg.ingest.retention_days
+    ):
+        raise ConfigError(
+            "ingest.summary_retention_days: must be 0 (forever) or >= ingest.retention_days"
+        )
     for w in cfg.ingest.stats_windows:
         parse_window(w)
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):

@@ -15,10 +15,10 @@
   at a time: whatever happens to one message makes it a reject, never stops
   the loop (:func:`validate_batch`).
 - batch: up to ``batch_size`` messages or ``batch_timeout_ms`` after the first.
-- write: readings with ``insert_many(ordered=False)`` (a duplicate key is
-  success, a document the server refuses becomes a reject), rejects to
-  ``rejected``, per-minute rollups (folded in memory, upserted each second).
-  Errors are classified (:func:`storage.classify`): transient ones hold the
+- write: readings appended to their minute buckets and every summary above
+  them set (:mod:`sensor_gateway.writer`: a redelivered reading is recognised
+  and stored, and counted, once; a bucket the server refuses becomes rejects),
+  rejects to ``rejected``. Errors are classified (:func:`storage.classify`): transient ones hold the
   batch unacknowledged and retry; permanent ones (credentials, rights) stop
   the ingester with exit status 78, so systemd shows the unit failed.
 - acknowledge: in the finisher thread, overlapping the next batch's write:
@@ -33,9 +33,10 @@ acknowledge what is held, then disconnect.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -46,12 +47,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from pymongo.database import Database
 
-from sensor_gateway import cache, storage
+from sensor_gateway import cache, layout, queries, retention, storage
 from sensor_gateway.config import Config
 from sensor_gateway.logs import RateLimitedLogger, TracebackOnce
 from sensor_gateway.mqtt import connect_async, make_client, session_properties
 from sensor_gateway.notify import Notifier
 from sensor_gateway.payload import Limits, Reject, parse
+from sensor_gateway.writer import Writer
 
 log = logging.getLogger("sensor_gateway.ingest")
 log_unexpected = TracebackOnce(log)
@@ -67,6 +69,14 @@ EXIT_PERMANENT = 78
 PACKET_OVERHEAD = 8192
 # How long after a reconnect a held message waits for its redelivery.
 STALE_GRACE_S = 5.0
+# Fault injection for the tests: SENSOR_GATEWAY_CRASH_AT=written kills the
+# process (SIGKILL) right after a batch is written, before its PUBACKs leave.
+_CRASH_AT = os.environ.get("SENSOR_GATEWAY_CRASH_AT", "")
+
+
+def crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(slots=True)
@@ -204,12 +214,16 @@ class Ingester:
         self._rebuild: threading.Thread | None = None
         self._rebuild_db: Database | None = None
         self._redis_retry_at = 0.0
-        self._retention_at = 0.0
-        self.pending_rollups: storage.RollupAcc = {}
+        # Nothing before this ingester accepted readings timed after now + skew.
+        self.writer = Writer(
+            self.db,
+            fresh_after_us=layout.to_us(datetime.now(UTC))
+            + int(self.icfg.max_future_skew_s * 1_000_000),
+        )
+        self.retention = retention.Sweeper(cfg, self.stop_event)
         # Batches written to MongoDB, waiting for Redis and their PUBACKs.
         self.finishing: queue.Queue[tuple[list[Incoming], list[dict]] | None] = queue.Queue(1)
         self._finisher: threading.Thread | None = None
-        self._rollups_at = 0.0
         self.reject_log = RateLimitedLogger(log, self.icfg.reject_log_per_min)
         self.client = make_client(
             cfg,
@@ -342,7 +356,7 @@ class Ingester:
         while not self.stop_event.is_set():
             try:
                 storage.ping(self.db)
-                storage.ensure_indexes(self.db)
+                storage.prepare(self.db, self.cfg)
                 return
             except storage.Unavailable as exc:
                 if storage.classify(exc) == storage.PERMANENT:
@@ -425,21 +439,20 @@ class Ingester:
         unacknowledged and the broker redelivers it to our session later).
         """
         delay = 0.2
-        inserted: storage.Inserted | None = None
+        written = None
         while True:
             try:
-                if inserted is None:
-                    inserted = storage.insert_readings(self.db, v.readings)
-                    self.counters.duplicates += inserted.duplicates
-                    for doc, reason in inserted.refused:
+                if written is None:
+                    written = self.writer.write(v.readings)
+                    self.counters.duplicates += written.duplicates
+                    for doc, reason in written.refused:
                         self.reject_log.warning("reading refused on %r: %s", doc["topic"], reason)
                         v.rejects.append(refused_doc(doc, reason))
-                    # Rollups only for new readings, so a redelivery is not counted twice.
-                    storage.fold_rollups(self.pending_rollups, inserted.new)
+                crash_point("written")
                 for doc, reason in storage.insert_rejects(self.db, v.rejects):
                     self.counters.rejects_unstored += 1
                     log.error("reject not stored (%s): %r", reason, doc)
-                return inserted.new
+                return written.new
             except Exception as exc:  # noqa: BLE001 - classified right here
                 kind = storage.classify(exc)
                 if kind == storage.PERMANENT:
@@ -516,8 +529,7 @@ class Ingester:
         self._rebuild.start()
 
     def _rebuild_latest(self, sensors: list[str]) -> None:
-        """Merge each sensor's newest N from MongoDB into Redis. Off the ingest path:
-        on FerretDB this reads whole collections, which can take minutes."""
+        """Merge each sensor's newest N from MongoDB into Redis, off the ingest path."""
         n = self.icfg.latest_n
         try:
             if self._rebuild_db is None:
@@ -525,11 +537,11 @@ class Ingester:
                     self.cfg, appname="sensor-ingest-rebuild", socketTimeoutMS=600_000
                 )
             for i, sensor_id in enumerate(sensors):
-                docs = storage.latest_for_sensor(self._rebuild_db, sensor_id, n)
+                docs = queries.latest_docs(self._rebuild_db, n, sensor_id=sensor_id)
                 cache.merge_latest(self.redis, self.keys, sensor_id, docs, n)
                 sensors[i] = ""
             cache.merge_latest(
-                self.redis, self.keys, None, storage.latest_overall(self._rebuild_db, n), n
+                self.redis, self.keys, None, queries.latest_docs(self._rebuild_db, n), n
             )
             log.info("rebuilt the latest readings of %d sensors in Redis", len(sensors))
         except Exception as exc:  # noqa: BLE001 - retried after the next write
@@ -611,35 +623,7 @@ class Ingester:
         self.notifier.status(self.counters.status_line(self.queue.qsize()))
         return len(batch)
 
-    def flush_rollups(self) -> None:
-        if not self.pending_rollups:
-            return
-        try:
-            storage.write_rollups(self.db, self.pending_rollups)
-            self.pending_rollups = {}
-        except Exception as exc:  # noqa: BLE001 - classified right here
-            if storage.classify(exc) == storage.PERMANENT:
-                raise storage.PermanentError(f"{type(exc).__name__}: {exc}") from exc
-            # Kept and merged with what follows; written when MongoDB answers.
-            log.warning("rollup write failed (%s); will retry", exc)
-
     def _housekeeping(self) -> None:
-        now = time.monotonic()
-        if now >= self._rollups_at:
-            self._rollups_at = now + self.icfg.rollup_flush_s
-            self.flush_rollups()
-        if self.icfg.retention_days and now >= self._retention_at:
-            self._retention_at = now + 3600
-            try:
-                n = storage.apply_retention(self.db, self.icfg.retention_days)
-                if n:
-                    log.info(
-                        "retention: deleted %d readings older than %d days",
-                        n,
-                        self.icfg.retention_days,
-                    )
-            except storage.Unavailable as exc:
-                log.warning("retention delete failed: %s", exc)
         if self.stats_publisher is not None:
             try:
                 self.stats_publisher.maybe_publish()
@@ -649,6 +633,7 @@ class Ingester:
     def run(self) -> None:
         self._finisher = threading.Thread(target=self._finisher_loop, name="finisher", daemon=True)
         self._finisher.start()
+        self.retention.start()
         self.consuming.set()
         try:
             while not self.stop_event.is_set():
@@ -668,6 +653,11 @@ class Ingester:
     def give_up(self, exc: BaseException) -> None:
         """A permanent database error: say why where an operator looks, then stop."""
         self.fatal = str(exc)
+        if isinstance(exc, storage.LayoutError):
+            log.error("%s", exc)
+            self.notifier.status(f"failed: {exc}")
+            self.stop()
+            return
         log.error(
             "MongoDB refuses the ingester (%s); not retrying: fix the credentials or "
             "rights (mongodb.username, mongodb.password_file) and start the service again",
@@ -694,8 +684,6 @@ class Ingester:
                     len(batch) + self.queue.qsize(),
                 )
                 break
-        with contextlib.suppress(storage.PermanentError):  # already said why
-            self.flush_rollups()
         # The PUBACKs must leave before the DISCONNECT.
         deadline = time.monotonic() + 2.0
         while self.client.want_write() and time.monotonic() < deadline:

@@ -7,10 +7,12 @@ from typing import Any
 
 
 def iso(dt: datetime) -> str:
-    """UTC ISO 8601 with millisecond precision and a ``Z``."""
+    """UTC ISO 8601 with a ``Z``: milliseconds, or microseconds when the time has them
+    (the precision a sensor sent is kept; clients of millisecond times see no change)."""
     if dt.tzinfo is None:  # pymongo returns naive UTC unless tz_aware
         dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    spec = "milliseconds" if dt.microsecond % 1000 == 0 else "microseconds"
+    return dt.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 def public(doc: dict[str, Any]) -> dict[str, Any]:

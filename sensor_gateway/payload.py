@@ -269,7 +269,7 @@ def parse(
         doc["ts"] = ts
         doc["_id"] = dedupe_key(topic, payload)
     else:
-        doc["ts"] = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        doc["ts"] = now
         doc["ts_from_receipt"] = True
         if msg_id is not None:
             doc["_id"] = dedupe_key(topic, payload, packet_id)

@@ -1,13 +1,14 @@
-"""The read side: readings by filter with keyset paging, status counts, averages.
+"""The read side of the layout (:mod:`sensor_gateway.layout`): readings in a
+time or value range with keyset paging, latest readings, status counts,
+averages. Every document is fetched by a computed `_id`.
 
-Every filter is built here from typed values (strings checked against the
-sensor-id pattern, aware datetimes, finite floats), never from request
-dictionaries, so no query operator can reach MongoDB from outside.
-
-Only what MongoDB 4.4+ and FerretDB 1.24 both serve is used (DESIGN.md,
-"Storage"): find/sort/limit, and aggregate with ``$match`` + ``$group``
-(``$sum``). Averages add up the per-minute rollups in Python, which avoids
-``$avg`` and stays correct on FerretDB.
+Cost: a query reads the documents of the window it asks for, never the
+history; a :class:`Reader` counts them and stops a request that would read
+more than its bound (:class:`TooCostly`, a 422 naming ``api.max_documents``),
+and gives each call a server-side time limit. Filters are built here from
+typed values (sensor ids checked against their pattern, aware datetimes,
+finite floats), never from request dictionaries: no query operator can reach
+the database from outside.
 """
 
 from __future__ import annotations
@@ -15,55 +16,116 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 
-from sensor_gateway import storage
+from sensor_gateway import layout
 from sensor_gateway.config import parse_window
-from sensor_gateway.model import iso, public
+from sensor_gateway.layout import US_DAY, US_HOUR, US_MINUTE, Sample
+from sensor_gateway.model import iso
+from sensor_gateway.writer import field_name, sensor_of
 
-STATUSES = tuple(str(s) for s in range(7))
+STATUSES = layout.STATUSES
 
 
 class BadCursor(ValueError):
     """The ``cursor`` parameter is not one this API issued."""
 
 
+class TooCostly(Exception):
+    """A request would read more documents than its bound allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this request would read more than {limit} documents (api.max_documents); "
+            "narrow it with start and end"
+        )
+        self.limit = limit
+
+
+class Reader:
+    """Fetches documents by `_id`, counting them against ``max_documents``."""
+
+    def __init__(
+        self,
+        db: Database,
+        max_documents: int | None = None,
+        time_limit_ms: int | None = None,
+        memo: bool = True,
+    ) -> None:
+        self.db = db
+        self.max_documents = max_documents
+        self.time_limit_ms = time_limit_ms
+        # Keep what was read (a request reads some documents for several pieces);
+        # off for streams of everything (exports), which would keep it all.
+        self.memo = memo
+        self.read = 0
+        self._memo: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def get(self, coll: str, _id: str) -> dict[str, Any] | None:
+        key = (coll, _id)
+        if key in self._memo:
+            return self._memo[key]
+        self.read += 1
+        if self.max_documents is not None and self.read > self.max_documents:
+            raise TooCostly(self.max_documents)
+        kw = {"max_time_ms": self.time_limit_ms} if self.time_limit_ms else {}
+        doc = self.db[coll].find_one({"_id": _id}, **kw)
+        if self.memo:
+            self._memo[key] = doc
+        return doc
+
+    def sensors(self) -> dict[str, dict[str, Any]]:
+        """The sensor registry: one small document per sensor."""
+        if ("", "sensors") not in self._memo:
+            kw = {"max_time_ms": self.time_limit_ms} if self.time_limit_ms else {}
+            docs = {d["_id"]: d for d in self.db[layout.SENSORS].find({}, **kw)}
+            self.read += 1
+            self._memo[("", "sensors")] = docs  # type: ignore[assignment]
+        return self._memo[("", "sensors")]  # type: ignore[return-value]
+
+    def sensor(self, sensor_id: str) -> dict[str, Any] | None:
+        return self.get(layout.SENSORS, str(sensor_id))
+
+
+def as_reader(db: Database | Reader) -> Reader:
+    return db if isinstance(db, Reader) else Reader(db)
+
+
+def kinds_of(sensor_doc: dict[str, Any]) -> set[str]:
+    return {sensor_of(k) for k in sensor_doc.get("kinds") or {}}
+
+
 # -- cursors -------------------------------------------------------------------------
 
 
-def encode_cursor(ts: datetime, _id: Any, order: str) -> str:
-    """Opaque keyset position: the (ts, _id) of the last reading of a page."""
-    ident: Any = {"o": str(_id)} if isinstance(_id, ObjectId) else _id
-    raw = json.dumps(
-        {"t": int(ts.timestamp() * 1000), "i": ident, "d": order}, separators=(",", ":")
-    )
+def encode_cursor(key: tuple[int, str, int], order: str) -> str:
+    """Opaque keyset position: (time in µs, sensor, arrival position) of a page's last."""
+    us, sid, pos = key
+    raw = json.dumps({"t": us, "s": sid, "p": pos, "d": order}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(text: str, order: str) -> tuple[datetime, Any]:
+def decode_cursor(text: str, order: str) -> tuple[int, str, int]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         obj = json.loads(raw)
-        ms, ident, d = obj["t"], obj["i"], obj["d"]
-        if not isinstance(ms, int) or isinstance(ms, bool):
-            raise TypeError("t")
-        if isinstance(ident, dict):
-            ident = ObjectId(ident["o"])
-        elif not isinstance(ident, str):
-            raise TypeError("i")
-        ts = datetime.fromtimestamp(ms / 1000, UTC)
-    except (binascii.Error, ValueError, TypeError, KeyError, OverflowError, OSError) as exc:
+        us, sid, pos, d = obj["t"], obj["s"], obj["p"], obj["d"]
+        for v in (us, pos):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError("t")
+        if not isinstance(sid, str):
+            raise TypeError("s")
+        layout.from_us(us)  # in datetime's range
+    except (binascii.Error, ValueError, TypeError, KeyError, OverflowError, AttributeError) as exc:
         raise BadCursor("not a cursor issued by this API") from exc
     if d != order:
         raise BadCursor(f"cursor was issued for order={d}, not order={order}")
-    return ts, ident
+    return us, sid, pos
 
 
 # -- readings ------------------------------------------------------------------------
@@ -82,101 +144,288 @@ class ReadingQuery:
     max_value: float | None = None
     limit: int = 100
     cursor: str | None = None
-    order: str = "asc"  # by (ts, _id)
+    order: str = "asc"  # by (time, sensor, arrival)
 
-    def filter(self) -> dict[str, Any]:
-        f: dict[str, Any] = {}
-        if self.sensor_id is not None:
-            f["sensor_id"] = str(self.sensor_id)
-        if self.kind is not None:
-            f["kind"] = str(self.kind)
-        if self.name is not None:
-            f["$or"] = [{"sensor_id": str(self.name)}, {"kind": str(self.name)}]
-        ts: dict[str, Any] = {}
-        if self.start is not None:
-            ts["$gte"] = self.start
-        if self.end is not None:
-            ts["$lte" if self.end_inclusive else "$lt"] = self.end
-        if ts:
-            f["ts"] = ts
-        value: dict[str, Any] = {}
-        if self.min_value is not None:
-            value["$gte"] = float(self.min_value)
-        if self.max_value is not None:
-            value["$lte"] = float(self.max_value)
-        if value:
-            f["value"] = value
-        if self.cursor:
-            after_ts, after_id = decode_cursor(self.cursor, self.order)
-            op = "$gt" if self.order == "asc" else "$lt"
-            keyset = {"$or": [{"ts": {op: after_ts}}, {"ts": after_ts, "_id": {op: after_id}}]}
-            f = {"$and": [f, keyset]} if f else keyset
-        return f
+    def after(self) -> tuple[int, str, int] | None:
+        """The cursor's position; raises BadCursor for one this API did not issue."""
+        return decode_cursor(self.cursor, self.order) if self.cursor else None
+
+    def matches(self, s: Sample) -> bool:
+        if self.kind is not None and s.kind != self.kind:
+            return False
+        if self.name is not None and s.sensor_id != self.name and s.kind != self.name:
+            return False
+        if self.min_value is not None and s.value < self.min_value:
+            return False
+        return not (self.max_value is not None and s.value > self.max_value)
+
+    def may_hold(self, summary: dict[str, Any]) -> bool:
+        """Whether a minute with this summary can hold a match (its min/max overlap)."""
+        if not summary or not summary.get("n"):
+            return False
+        lo, hi = summary.get("min"), summary.get("max")
+        if self.min_value is not None and hi is not None and hi < self.min_value:
+            return False
+        return not (self.max_value is not None and lo is not None and lo > self.max_value)
 
 
-def find_readings(db: Database, q: ReadingQuery) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of readings in (ts, _id) order and the cursor of the next page."""
-    direction = ASCENDING if q.order == "asc" else DESCENDING
-    docs = list(
-        db[storage.READINGS]
-        .find(q.filter(), {"received_at": 0, "topic": 0, "ts_from_receipt": 0})
-        .sort([("ts", direction), ("_id", direction)])
-        .limit(q.limit + 1)
-    )
+def _sensor_set(r: Reader, q: ReadingQuery) -> dict[str, dict[str, Any]]:
+    """The sensors a query can match, with their registry documents."""
+    if q.sensor_id is not None:
+        doc = r.sensor(q.sensor_id)
+        return {q.sensor_id: doc} if doc else {}
+    if q.kind is None and q.name is None:
+        return r.sensors()
+    out = {}
+    for sid, doc in r.sensors().items():
+        kinds = kinds_of(doc)
+        if (q.kind is None or q.kind in kinds) and (
+            q.name is None or sid == q.name or q.name in kinds
+        ):
+            out[sid] = doc
+    return out
+
+
+def _bounds(q: ReadingQuery, sensors: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """Half-open [lo, hi) in µs, clamped to the hours that hold readings."""
+    first = min(d.get("first", 0) for d in sensors.values())
+    last = max(d.get("last", 0) for d in sensors.values()) + US_HOUR
+    lo = layout.to_us(q.start) if q.start is not None else first
+    hi = last
+    if q.end is not None:
+        hi = layout.to_us(q.end) + (1 if q.end_inclusive else 0)
+    return max(lo, first), min(hi, last)
+
+
+def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
+    """Every reading ``q`` matches, in its order, after its cursor, fetching
+    only the hours and minutes that hold readings of the sensors asked for."""
+    r = as_reader(db)
+    after = q.after()
+    sensors = _sensor_set(r, q)
+    if not sensors:
+        return
+    lo, hi = _bounds(q, sensors)
+    desc = q.order == "desc"
+    if after is not None:
+        if desc:
+            hi = min(hi, after[0] + 1)
+        else:
+            lo = max(lo, after[0])
+    if lo >= hi:
+        return
+    hours = range(layout.floor(lo, US_HOUR), hi, US_HOUR)
+    for hour in reversed(hours) if desc else hours:
+        present = [
+            sid for sid, d in sensors.items() if d.get("first", 0) <= hour <= d.get("last", -1)
+        ]
+        if len(present) > 1:
+            # One document says which sensors have readings in this hour.
+            by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}
+            present = [sid for sid in present if field_name(sid) in by]
+        by_minute: dict[int, list[str]] = {}
+        for sid in present:
+            doc = r.get(layout.HOURS, layout.sensor_hour_id(sid, hour)) or {}
+            for mi, summary in (doc.get("m") or {}).items():
+                minute = hour + int(mi) * US_MINUTE
+                if minute + US_MINUTE > lo and minute < hi and q.may_hold(summary):
+                    by_minute.setdefault(minute, []).append(sid)
+        for minute in sorted(by_minute, reverse=desc):
+            found: list[Sample] = []
+            for sid in by_minute[minute]:
+                doc = r.get(layout.SAMPLES, layout.bucket_id(sid, minute))
+                if doc:
+                    found.extend(s for s in layout.samples_of(doc) if lo <= s.us < hi)
+            found = [s for s in found if q.matches(s)]
+            found.sort(key=Sample.order_key, reverse=desc)
+            for s in found:
+                if after is not None:
+                    k = s.order_key()
+                    if (k <= after) if not desc else (k >= after):
+                        continue
+                yield s
+
+
+def find_readings(
+    db: Database | Reader, q: ReadingQuery
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of readings in (time, sensor, arrival) order and the next page's cursor."""
+    page: list[Sample] = []
+    for s in iter_samples(db, q):
+        page.append(s)
+        if len(page) > q.limit:
+            break
     next_cursor = None
-    if len(docs) > q.limit:
-        docs = docs[: q.limit]
-        last = docs[-1]
-        next_cursor = encode_cursor(last["ts"], last["_id"], q.order)
-    return [public(d) for d in docs], next_cursor
+    if len(page) > q.limit:
+        page = page[: q.limit]
+        next_cursor = encode_cursor(page[-1].order_key(), q.order)
+    return [s.public() for s in page], next_cursor
+
+
+def latest_samples(
+    db: Database | Reader,
+    n: int,
+    sensor_id: str | None = None,
+    kind: str | None = None,
+    name: str | None = None,
+) -> list[Sample]:
+    q = ReadingQuery(sensor_id=sensor_id, kind=kind, name=name, order="desc", limit=n)
+    out = []
+    for s in iter_samples(db, q):
+        out.append(s)
+        if len(out) >= n:
+            break
+    return out
 
 
 def latest(
-    db: Database, n: int, sensor_id: str | None = None, kind: str | None = None
+    db: Database | Reader,
+    n: int,
+    sensor_id: str | None = None,
+    kind: str | None = None,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    f: dict[str, Any] = {}
+    """The newest ``n`` readings, newest first (equal times: last received first)."""
+    return [s.public() for s in latest_samples(db, n, sensor_id, kind, name)]
+
+
+def latest_docs(db: Database | Reader, n: int, sensor_id: str | None = None) -> list[dict]:
+    """As :func:`latest`, shaped like the documents the writer hands to Redis."""
+    return [
+        {
+            "_id": layout.reading_id(s.bucket, s.pos),
+            "sensor_id": s.sensor_id,
+            "kind": s.kind,
+            "value": s.value,
+            "ts": s.ts,
+            "unit": s.unit,
+            "msg_id": s.msg_id,
+        }
+        for s in latest_samples(db, n, sensor_id)
+    ]
+
+
+def sensor_exists(db: Database | Reader, sensor_id: str) -> bool:
+    return as_reader(db).sensor(sensor_id) is not None
+
+
+def kind_exists(db: Database | Reader, kind: str) -> bool:
+    return any(kind in kinds_of(d) for d in as_reader(db).sensors().values())
+
+
+def sensor_ids(db: Database | Reader) -> list[str]:
+    return sorted(as_reader(db).sensors())
+
+
+# -- windows of summaries ------------------------------------------------------------
+
+
+def pieces(lo: int, hi: int) -> Iterator[tuple[str, int, int]]:
+    """Cut [lo, hi) into the coarsest pieces the summaries hold: ``raw`` (part of a
+    minute: read its buckets), ``minute``, ``hour`` and ``day``."""
+    t = lo
+    while t < hi:
+        for unit, name in ((US_DAY, "day"), (US_HOUR, "hour"), (US_MINUTE, "minute")):
+            if t % unit == 0 and t + unit <= hi:
+                yield name, t, t + unit
+                t += unit
+                break
+        else:
+            end = min(hi, layout.floor(t, US_MINUTE) + US_MINUTE)
+            yield "raw", t, end
+            t = end
+
+
+def _summaries(r: Reader, name: str, start: int, end: int, sensor_id: str | None) -> dict:
+    """{sensor_id: summary} of one piece, every sensor or one."""
+    if name == "minute":
+        if sensor_id is not None:
+            doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, start)) or {}
+            s = (doc.get("m") or {}).get(layout.minute_index(start))
+            return {sensor_id: s} if s else {}
+        by = (r.get(layout.MINUTES, layout.minute_doc_id(start)) or {}).get("by") or {}
+    elif name == "hour":
+        if sensor_id is not None:
+            doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, start)) or {}
+            s = layout.total((doc.get("m") or {}).values())
+            return {sensor_id: s} if s["n"] else {}
+        by = (r.get(layout.HOURS, layout.all_hour_id(start)) or {}).get("by") or {}
+    else:
+        by = (r.get(layout.HOURS, layout.all_day_id(start)) or {}).get("by") or {}
+    out = {sensor_of(k): v for k, v in by.items()}
     if sensor_id is not None:
-        f["sensor_id"] = str(sensor_id)
-    if kind is not None:
-        f["kind"] = str(kind)
-    cur = db[storage.READINGS].find(f).sort([("ts", DESCENDING), ("_id", DESCENDING)]).limit(n)
-    return [public(d) for d in cur]
+        return {sensor_id: out[sensor_id]} if sensor_id in out else {}
+    return out
 
 
-def sensor_exists(db: Database, sensor_id: str) -> bool:
-    return db[storage.READINGS].find_one({"sensor_id": str(sensor_id)}, {"_id": 1}) is not None
+def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> dict:
+    """{sensor_id: summary} of part of a minute, from its buckets."""
+    minute = layout.floor(start, US_MINUTE)
+    if sensor_id is not None:
+        sids = [sensor_id]
+    else:
+        by = (r.get(layout.MINUTES, layout.minute_doc_id(minute)) or {}).get("by") or {}
+        sids = [sensor_of(k) for k in by]
+    out = {}
+    for sid in sids:
+        doc = r.get(layout.SAMPLES, layout.bucket_id(sid, minute))
+        acc = layout.summary()
+        for s in layout.samples_of(doc) if doc else ():
+            if start <= s.us < end:
+                layout.add_sample(acc, s.kind, s.value)
+        if acc["n"]:
+            out[sid] = acc
+    return out
 
 
-def kind_exists(db: Database, kind: str) -> bool:
-    return db[storage.READINGS].find_one({"kind": str(kind)}, {"_id": 1}) is not None
+def window_summaries(
+    r: Reader, lo: int, hi: int, sensor_id: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """{sensor_id: summary} of [lo, hi), from the coarsest summaries that fit."""
+    acc: dict[str, dict[str, Any]] = {}
+    for name, start, end in pieces(lo, hi):
+        part = (
+            _raw_summaries(r, start, end, sensor_id)
+            if name == "raw"
+            else _summaries(r, name, start, end, sensor_id)
+        )
+        for sid, s in part.items():
+            layout.add_summary(acc.setdefault(sid, layout.summary()), s)
+    return acc
+
+
+def _clamp(r: Reader, lo: int | None, hi: int | None, sensor_id: str | None) -> tuple[int, int]:
+    """A window's missing ends become the first and last hour holding readings."""
+    regs = [r.sensor(sensor_id)] if sensor_id is not None else list(r.sensors().values())
+    regs = [d for d in regs if d]
+    if not regs:
+        return 0, 0
+    first = min(d.get("first", 0) for d in regs)
+    last = max(d.get("last", 0) for d in regs) + US_HOUR
+    return max(first, lo if lo is not None else first), min(last, hi if hi is not None else last)
 
 
 # -- status counts -------------------------------------------------------------------
 
 
 def status_counts(
-    db: Database,
+    db: Database | Reader,
     start: datetime | None,
     end: datetime | None,
     sensor_id: str | None = None,
 ) -> dict[str, int]:
     """Count of each status 0–6 with ``start <= ts <= end``; zeros included."""
-    match: dict[str, Any] = {"kind": "status"}
-    if sensor_id is not None:
-        match["sensor_id"] = str(sensor_id)
-    ts: dict[str, Any] = {}
-    if start is not None:
-        ts["$gte"] = start
-    if end is not None:
-        ts["$lte"] = end
-    if ts:
-        match["ts"] = ts
+    r = as_reader(db)
+    lo, hi = _clamp(
+        r,
+        layout.to_us(start) if start is not None else None,
+        layout.to_us(end) + 1 if end is not None else None,
+        sensor_id,
+    )
     counts = dict.fromkeys(STATUSES, 0)
-    pipeline = [{"$match": match}, {"$group": {"_id": "$value", "n": {"$sum": 1}}}]
-    for row in db[storage.READINGS].aggregate(pipeline):
-        v = row["_id"]
-        if isinstance(v, int | float) and float(v).is_integer() and str(int(v)) in counts:
-            counts[str(int(v))] += int(row["n"])
+    for s in window_summaries(r, lo, hi, sensor_id).values():
+        for st, c in (s.get("st") or {}).items():
+            counts[st] = counts.get(st, 0) + int(c)
     return counts
 
 
@@ -196,7 +445,7 @@ class Window:
 
     def since(self, now: datetime) -> datetime:
         """Start of the window: whole minutes, the current (partial) one included."""
-        return storage.minute_of(now - timedelta(seconds=self.seconds))
+        return (now - timedelta(seconds=self.seconds)).replace(second=0, microsecond=0)
 
 
 def parse_windows(labels: Iterable[str]) -> list[Window]:
@@ -210,75 +459,76 @@ def parse_windows(labels: Iterable[str]) -> list[Window]:
     return out
 
 
-def _empty() -> dict[str, Any]:
-    return {"count": 0, "sum": 0.0, "min": None, "max": None}
-
-
-def _fold(acc: dict[str, Any], doc: dict[str, Any]) -> None:
-    acc["count"] += int(doc.get("count", 0))
-    acc["sum"] += float(doc.get("sum", 0.0))
-    for k, pick in (("min", min), ("max", max)):
-        v = doc.get(k)
-        if v is not None:
-            acc[k] = v if acc[k] is None else pick(acc[k], v)
-
-
-def _finish(acc: dict[str, Any], since: datetime) -> dict[str, Any]:
-    n = acc["count"]
+def _finish(acc: dict[str, Any] | None, since: datetime) -> dict[str, Any]:
+    n = acc["n"] if acc else 0
     return {
         "since": iso(since),
         "count": n,
         "avg": (acc["sum"] / n) if n else None,
-        "min": acc["min"],
-        "max": acc["max"],
+        "min": acc["min"] if n else None,
+        "max": acc["max"] if n else None,
     }
 
 
 def averages(
-    db: Database,
+    db: Database | Reader,
     windows: list[Window],
     sensor_id: str | None = None,
     kind: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Averages over each window from ``rollups_minute``: sum(sum) / sum(count).
-
-    The ingester upserts the current minute's rollup with every batch, so the
-    current minute is included up to the last stored batch.
-    """
+    """Averages over each window, sum / count of the summaries from the window's
+    first whole minute to the end of the current one (up to the last batch the
+    ingester wrote); long windows read hour and day summaries."""
+    r = as_reader(db)
     now = now or datetime.now(UTC)
-    since = {w.label: w.since(now) for w in windows}
-    f: dict[str, Any] = {"minute": {"$gte": min(since.values())}}
-    if sensor_id is not None:
-        f["sensor_id"] = str(sensor_id)
-    if kind is not None:
-        f["kind"] = str(kind)
-    overall = {w.label: _empty() for w in windows}
-    per_sensor: dict[str, dict[str, Any]] = {}
-    projection = {"sensor_id": 1, "kind": 1, "minute": 1, "count": 1, "sum": 1, "min": 1, "max": 1}
-    for doc in db[storage.ROLLUPS].find(f, projection):
-        minute = doc["minute"]
-        if minute.tzinfo is None:
-            minute = minute.replace(tzinfo=UTC)
-        s = per_sensor.setdefault(
-            doc["sensor_id"],
-            {"kind": doc.get("kind"), "acc": {w.label: _empty() for w in windows}},
-        )
-        for w in windows:
-            if minute >= since[w.label]:
-                _fold(overall[w.label], doc)
-                _fold(s["acc"][w.label], doc)
+    end = layout.floor(layout.to_us(now), US_MINUTE) + US_MINUTE
+    per_window: dict[str, dict[str, dict[str, Any]]] = {}
+    for w in windows:
+        got = window_summaries(r, layout.to_us(w.since(now)), end, sensor_id)
+        if kind is not None:
+            got = {sid: s for sid, s in got.items() if s.get("kind") == kind}
+        per_window[w.label] = got
+    sids = sorted({sid for got in per_window.values() for sid in got})
     return {
         "generated_at": iso(now),
         "windows": [w.label for w in windows],
         "sensor_id": sensor_id,
         "kind": kind,
-        "overall": {w.label: _finish(overall[w.label], since[w.label]) for w in windows},
+        "overall": {
+            w.label: _finish(layout.total(per_window[w.label].values()), w.since(now))
+            for w in windows
+        },
         "sensors": {
             sid: {
-                "kind": s["kind"],
-                "windows": {w.label: _finish(s["acc"][w.label], since[w.label]) for w in windows},
+                "kind": next(
+                    per_window[w.label][sid]["kind"] for w in windows if sid in per_window[w.label]
+                ),
+                "windows": {
+                    w.label: _finish(per_window[w.label].get(sid), w.since(now)) for w in windows
+                },
             }
-            for sid, s in sorted(per_sensor.items())
+            for sid in sids
         },
     }
+
+
+def minute_series(
+    db: Database | Reader, sensor_id: str, start: datetime, end: datetime
+) -> Iterator[tuple[datetime, dict[str, Any]]]:
+    """(minute, summary) of one sensor's minutes in [start, end), oldest first."""
+    r = as_reader(db)
+    lo, hi = layout.to_us(start), layout.to_us(end)
+    for hour in range(layout.floor(lo, US_HOUR), hi, US_HOUR):
+        doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, hour)) or {}
+        for mi, s in sorted((doc.get("m") or {}).items()):
+            minute = hour + int(mi) * US_MINUTE
+            if lo <= minute + US_MINUTE and minute < hi:
+                yield layout.from_us(minute), s
+
+
+def count_all(db: Database | Reader) -> int:
+    """Readings stored, from the summaries (days, hours, minutes: never the readings)."""
+    r = as_reader(db)
+    lo, hi = _clamp(r, None, None, None)
+    return sum(s["n"] for s in window_summaries(r, lo, hi).values())

@@ -22,7 +22,7 @@ import msgspec
 from apiflask import APIBlueprint, abort
 from flask import Response, current_app, redirect, render_template, request, send_from_directory
 
-from sensor_gateway import queries, storage, tokens
+from sensor_gateway import queries, tokens
 from sensor_gateway.api import schemas, sensors, session
 from sensor_gateway.api.services import services
 from sensor_gateway.api.views import latest_fragments
@@ -143,19 +143,13 @@ def index() -> Response:
 
 def history(sensor_id: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
     """BUCKETS points of (time, avg, min, max) between start and end, folded from the
-    per-minute summaries (one pass over a cursor; empty buckets left out)."""
-    db = services().db
+    per-minute summaries (empty buckets left out)."""
     width = (end - start).total_seconds() / BUCKETS
     acc: dict[int, list[float]] = {}
-    f = {"sensor_id": str(sensor_id), "minute": {"$gte": storage.minute_of(start), "$lt": end}}
-    projection = {"minute": 1, "count": 1, "sum": 1, "min": 1, "max": 1, "_id": 0}
-    for doc in db[storage.ROLLUPS].find(f, projection).batch_size(1000):
-        minute = doc["minute"]
-        if minute.tzinfo is None:
-            minute = minute.replace(tzinfo=UTC)
+    for minute, doc in queries.minute_series(services().reader(), sensor_id, start, end):
         i = max(0, min(BUCKETS - 1, int((minute - start).total_seconds() // width)))
         a = acc.setdefault(i, [0, 0.0, math.inf, -math.inf])
-        a[0] += int(doc.get("count", 0))
+        a[0] += int(doc.get("n", 0))
         a[1] += float(doc.get("sum", 0.0))
         if doc.get("min") is not None:
             a[2] = min(a[2], float(doc["min"]))
@@ -226,11 +220,11 @@ def sensor(sensor_id: str) -> Response:
     start = now - timedelta(seconds=RANGES[rng])
     points = history(sensor_id, start, now)
     chart = line_chart(points, start, now)
-    avgs = queries.averages(svc.db, queries.parse_windows(AVG_WINDOWS), sensor_id=sensor_id)
+    avgs = queries.averages(svc.reader(), queries.parse_windows(AVG_WINDOWS), sensor_id=sensor_id)
     windows = avgs["sensors"].get(sensor_id, {}).get("windows") or avgs["overall"]
     counts = None
     if last.get("kind") == "status":
-        counts = queries.status_counts(svc.db, start, now, sensor_id=sensor_id)
+        counts = queries.status_counts(svc.reader(), start, now, sensor_id=sensor_id)
     age = (now - _parse_ts(last["timestamp"])).total_seconds()
     return _page(
         render_template(

@@ -15,8 +15,10 @@ from typing import Any
 import msgspec
 from apiflask import APIFlask, HTTPError
 from flask import Response
-from pymongo.errors import PyMongoError
+from pymongo.errors import ExecutionTimeout, PyMongoError
 from redis.exceptions import RedisError
+
+from sensor_gateway.queries import TooCostly
 
 log = logging.getLogger("sensor_gateway.api")
 
@@ -91,7 +93,19 @@ def register(app: APIFlask) -> None:
     app.error_processor(_http_error)
 
     app.register_error_handler(PyMongoError, lambda exc: _dependency_down("mongodb", exc))
+    app.register_error_handler(ExecutionTimeout, _too_slow)
+    app.register_error_handler(TooCostly, lambda exc: problem(422, str(exc), limit=exc.limit))
     app.register_error_handler(RedisError, lambda exc: _dependency_down("redis", exc))
+
+
+def _too_slow(exc: ExecutionTimeout) -> Response:
+    log.warning("a database call hit api.query_time_limit_ms: %s", exc)
+    return problem(
+        503,
+        "the database did not answer within api.query_time_limit_ms; narrow the request",
+        {"Retry-After": "5"},
+        dependency="mongodb",
+    )
 
 
 def _dependency_down(name: str, exc: Exception) -> Response:

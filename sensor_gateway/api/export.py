@@ -23,13 +23,11 @@ from apiflask import APIBlueprint, Schema, fields
 from apiflask.validators import OneOf
 from flask import Response, stream_with_context
 from marshmallow import RAISE, validates_schema
-from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 
-from sensor_gateway import queries, storage
+from sensor_gateway import queries
 from sensor_gateway.api import schemas
 from sensor_gateway.api.services import services
-from sensor_gateway.model import public
 
 log = logging.getLogger("sensor_gateway.api.export")
 
@@ -39,7 +37,6 @@ BATCH = 1000  # documents per cursor batch, and rows per encoded chunk
 FORMATS = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 CSV_COLUMNS = ("timestamp", "sensor_id", "kind", "value", "unit", "msg_id", "id")
 # What /readings leaves out of a reading document (see queries.find_readings).
-_PROJECTION = {"received_at": 0, "topic": 0, "ts_from_receipt": 0}
 # A spreadsheet runs a cell starting with one of these as a formula.
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
@@ -78,23 +75,14 @@ def reading_query(data: dict[str, Any]) -> queries.ReadingQuery:
     )
 
 
-def iter_readings(db: Database, q: queries.ReadingQuery) -> Iterator[dict[str, Any]]:
-    """Every reading ``q`` matches in (ts, _id) order, as ``/readings`` shows them,
-    from one cursor read ``BATCH`` documents at a time (never a list of them all)."""
-    direction = ASCENDING if q.order == "asc" else DESCENDING
-    # MongoDB has no (ts, _id) index to walk, so it sorts: allow_disk_use lets a sort
-    # beyond its 100 MB in-memory limit spill to disk (MongoDB 4.4+) instead of failing.
-    cursor = (
-        db[storage.READINGS]
-        .find(q.filter(), _PROJECTION, allow_disk_use=True)
-        .sort([("ts", direction), ("_id", direction)])
-        .batch_size(BATCH)
-    )
-    try:
-        for doc in cursor:
-            yield public(doc)
-    finally:
-        cursor.close()
+def iter_readings(
+    db: Database, q: queries.ReadingQuery, time_limit_ms: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every reading ``q`` matches in (time, sensor, arrival) order, as ``/readings``
+    shows them, reading one bucket at a time (never a list of them all)."""
+    reader = queries.Reader(db, time_limit_ms=time_limit_ms, memo=False)
+    for s in queries.iter_samples(reader, q):
+        yield s.public()
 
 
 def _cell(text: str) -> str:

@@ -27,12 +27,12 @@ def paged(svc: Services, route: str, q: queries.ReadingQuery, envelope: bool) ->
     if q.limit > svc.cfg.api.max_limit:
         abort(400, f"query parameter 'limit': at most {svc.cfg.api.max_limit}")
     try:
-        q.filter()  # validates the cursor before anything runs
+        q.after()  # validates the cursor before anything runs
     except queries.BadCursor as exc:
         abort(400, f"query parameter 'cursor': {exc}")
 
     def compute() -> bytes:
-        items, next_cursor = queries.find_readings(svc.db, q)
+        items, next_cursor = queries.find_readings(svc.reader(), q)
         return (next_cursor or "").encode() + b"\n" + json_bytes(items)
 
     params = {k: v for k, v in q.__dict__.items() if v is not None}

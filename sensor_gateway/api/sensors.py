@@ -9,7 +9,7 @@ from apiflask import APIBlueprint, abort
 from flask import Response
 from marshmallow import RAISE
 
-from sensor_gateway import queries, storage
+from sensor_gateway import queries
 from sensor_gateway.api import schemas
 from sensor_gateway.api.services import services
 from sensor_gateway.api.views import json_response, latest_response
@@ -43,8 +43,9 @@ def list_sensors() -> Response:
     if not ok or not items:
         source = "mongodb"
         items = []
-        for sid in storage.sensor_ids(svc.db):
-            last = queries.latest(svc.db, 1, sensor_id=sid)
+        reader = svc.reader()
+        for sid in queries.sensor_ids(reader):
+            last = queries.latest(reader, 1, sensor_id=sid)
             items.append({"sensor_id": sid, "last": last[0] if last else None})
     return json_response({"items": items}, headers={"X-Data-Source": source})
 

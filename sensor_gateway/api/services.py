@@ -15,7 +15,7 @@ from flask import current_app
 from pymongo.database import Database
 from redis.exceptions import RedisError
 
-from sensor_gateway import cache, storage
+from sensor_gateway import cache, queries, storage
 from sensor_gateway.config import Config
 
 log = logging.getLogger("sensor_gateway.api")
@@ -37,6 +37,10 @@ class Services:
         max_streams = max(1, cfg.api.threads - 1)
         # SSE streams hold a worker thread each; keep one thread for everything else.
         self.stream_slots = threading.BoundedSemaphore(max_streams)
+
+    def reader(self) -> queries.Reader:
+        """Reads for one request: bounded in documents and in server time."""
+        return queries.Reader(self.db, self.cfg.api.max_documents, self.cfg.api.query_time_limit_ms)
 
     # -- Redis with a circuit breaker ----------------------------------------------------
 

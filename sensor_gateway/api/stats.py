@@ -1,4 +1,4 @@
-"""Statistics: rolling averages from the per-minute rollups, status counts."""
+"""Statistics: rolling averages and status counts, from the stored summaries."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ bp = APIBlueprint("stats", __name__, tag="stats")
 @bp.output(schemas.Averages)
 @bp.doc(
     summary="Rolling averages over time windows (default 1m, 5m, 30m)",
-    description="sum / count over the per-minute rollups whose minute starts at or after "
-    "`now - window` rounded down to the minute; the current minute is included up to "
-    "the last batch the ingester wrote. `overall` is over every sensor matching the "
-    "filters, `sensors` per sensor.",
+    description="sum / count over the summaries from `now - window` rounded down to the "
+    "minute to the end of the current minute (included up to the last batch the ingester "
+    "wrote); long windows read hour and day summaries. `overall` is over every sensor "
+    "matching the filters, `sensors` per sensor.",
 )
 def averages(query_data: dict[str, Any]) -> Response:
     svc = services()
@@ -38,7 +38,7 @@ def averages(query_data: dict[str, Any]) -> Response:
     body, hit = svc.cached(
         "/stats/averages",
         {"w": [w.label for w in windows], "s": sensor_id, "k": kind},
-        lambda: json_bytes(queries.averages(svc.db, windows, sensor_id, kind)),
+        lambda: json_bytes(queries.averages(svc.reader(), windows, sensor_id, kind)),
     )
     return json_response(body, headers={"X-Cache": "hit" if hit else "miss"})
 
@@ -51,7 +51,7 @@ def _counts(data: dict[str, Any]) -> Response:
     body, hit = svc.cached(
         "/stats/status-counts",
         {"s": start, "e": end, "id": sensor_id},
-        lambda: json_bytes(queries.status_counts(svc.db, start, end, sensor_id)),
+        lambda: json_bytes(queries.status_counts(svc.reader(), start, end, sensor_id)),
     )
     return json_response(body, headers={"X-Cache": "hit" if hit else "miss"})
 
@@ -59,7 +59,8 @@ def _counts(data: dict[str, Any]) -> Response:
 _COUNTS_DOC = (
     "Count of readings of kind `status` with each status 0–6 in `[start, end]` "
     "(both inclusive, ISO 8601, naive = UTC); every status is present, zeros included. "
-    "Computed with `$match` + `$group` in MongoDB."
+    "Computed from day, hour and minute summaries, and the readings of the partial "
+    "minutes at either end."
 )
 
 

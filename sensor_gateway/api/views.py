@@ -45,9 +45,9 @@ def latest_fragments(
         if ok and members:
             return members, "redis"
     if name is not None:
-        docs = queries.latest(svc.db, n, sensor_id=name) or queries.latest(svc.db, n, kind=name)
+        docs = queries.latest(svc.reader(), n, name=name)
     else:
-        docs = queries.latest(svc.db, n, sensor_id=sensor_id)
+        docs = queries.latest(svc.reader(), n, sensor_id=sensor_id)
     return [_encode(d).decode() for d in docs], "mongodb"
 
 

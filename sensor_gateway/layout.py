@@ -1,0 +1,255 @@
+"""The storage layout: which document holds what, and the `_id` of each.
+
+Every read fetches documents by `_id`s computed from a sensor id and a time,
+the one access path FerretDB 1.24 serves fast (``notes/ferretdb-reads.md``);
+MongoDB serves the same lookups from its built-in `_id` index. A query's cost
+grows with the window it asks for, never with the history stored.
+
+Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*``):
+
+- ``samples``  ``<sid>|YYYYMMDDHHMM``  one sensor's readings of one UTC minute, in
+  parallel arrays in arrival order (the bucket pattern): ``t`` µs after the
+  minute ``b`` (µs since 1970), ``v`` value, ``k`` key, ``ai`` index into ``a``
+  (the distinct kind and unit), ``mi`` msg_id. Minutes, not hours:
+  every batch rewrites the buckets it touches, so a small bucket keeps the
+  bytes written per reading low (SD cards wear by bytes written).
+- ``minutes``  ``*|YYYYMMDDHHMM``      every sensor's summary of one minute (``by``).
+- ``hours``    ``<sid>|YYYYMMDDHH``    one sensor's summary of each minute of an hour
+  (``m``; also which minutes hold readings); ``*|YYYYMMDDHH`` every sensor's
+  summary of an hour (``by``) and the status counts of each of its minutes
+  (``ms``); ``*|YYYYMMDD`` every sensor's summary of a day (``by``).
+- ``sensors``  ``<sid>``               kinds seen, first and last hour with readings.
+- ``meta``     ``layout``, ``retention``, ``migration``.
+
+A summary is ``{"n", "sum", "min", "max", "kind", "st"}``; ``st`` counts each
+status 0–6 among readings of kind ``status``. Summaries are always *set* to a
+value recomputed from what they summarise, never incremented, so writing one
+twice (a batch retried, a reading redelivered after a crash) changes nothing:
+aggregates count every reading once. ``samples`` and ``minutes`` are the raw
+tier (``ingest.retention_days``); ``hours`` the summary tier
+(``ingest.summary_retention_days``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+VERSION = 2
+
+SAMPLES = "samples"
+MINUTES = "minutes"
+HOURS = "hours"
+SENSORS = "sensors"
+META = "meta"
+REJECTED = "rejected"
+# Collections read by `_id` (FerretDB needs an SQL index on each, see ferretdb.py).
+BY_ID = (SAMPLES, MINUTES, HOURS, SENSORS, META)
+# The one-document-per-reading layout of version 1, read by `sensor-gateway migrate`.
+FLAT_READINGS = "readings"
+FLAT_ROLLUPS = "rollups_minute"
+
+ALL = "*"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+US_MINUTE = 60_000_000
+US_HOUR = 60 * US_MINUTE
+US_DAY = 24 * US_HOUR
+STATUSES = tuple(str(s) for s in range(7))
+
+
+# -- time ---------------------------------------------------------------------------
+
+
+def to_us(dt: datetime) -> int:
+    """Microseconds since 1970 (negative before), exact for years 1–9999."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    d = dt - EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def floor(us: int, unit: int) -> int:
+    return us - us % unit
+
+
+def minute_key(us: int) -> str:
+    return from_us(floor(us, US_MINUTE)).strftime("%Y%m%d%H%M").zfill(12)
+
+
+def hour_key(us: int) -> str:
+    return minute_key(us)[:10]
+
+
+def day_key(us: int) -> str:
+    return minute_key(us)[:8]
+
+
+# -- ids ----------------------------------------------------------------------------
+
+
+def bucket_id(sensor_id: str, us: int) -> str:
+    return f"{sensor_id}|{minute_key(us)}"
+
+
+def sensor_hour_id(sensor_id: str, us: int) -> str:
+    return f"{sensor_id}|{hour_key(us)}"
+
+
+def minute_doc_id(us: int) -> str:
+    return f"{ALL}|{minute_key(us)}"
+
+
+def all_hour_id(us: int) -> str:
+    return f"{ALL}|{hour_key(us)}"
+
+
+def all_day_id(us: int) -> str:
+    return f"{ALL}|{day_key(us)}"
+
+
+def reading_id(bucket: str, pos: int) -> str:
+    """A reading's public id: its bucket and arrival position. Zero-padded, so
+    that readings of one sensor with equal timestamps sort in arrival order
+    wherever ids are compared as text (Redis breaks score ties that way)."""
+    return f"{bucket}.{pos:05d}"
+
+
+def minute_index(us: int) -> str:
+    """The key of a minute inside its hour's summary: ``"00"``–``"59"``."""
+    return minute_key(us)[10:]
+
+
+def hour_index(us: int) -> str:
+    return minute_key(us)[8:10]
+
+
+# -- summaries ----------------------------------------------------------------------
+
+
+def summary() -> dict[str, Any]:
+    return {"n": 0, "sum": 0.0, "min": None, "max": None, "kind": None}
+
+
+def status_of(kind: str, value: float) -> str | None:
+    if kind == "status" and float(value).is_integer() and 0 <= value <= 6:
+        return str(int(value))
+    return None
+
+
+def add_sample(s: dict[str, Any], kind: str, value: float) -> None:
+    s["n"] += 1
+    s["sum"] += value
+    s["min"] = value if s["min"] is None else min(s["min"], value)
+    s["max"] = value if s["max"] is None else max(s["max"], value)
+    s["kind"] = kind
+    st = status_of(kind, value)
+    if st is not None:
+        counts = s.setdefault("st", {})
+        counts[st] = counts.get(st, 0) + 1
+
+
+def add_summary(acc: dict[str, Any], s: dict[str, Any] | None) -> None:
+    if not s or not s.get("n"):
+        return
+    acc["n"] += int(s["n"])
+    acc["sum"] += float(s["sum"])
+    for k, pick in (("min", min), ("max", max)):
+        if s.get(k) is not None:
+            acc[k] = s[k] if acc[k] is None else pick(acc[k], s[k])
+    if s.get("kind") is not None:
+        acc["kind"] = s["kind"]
+    for st, c in (s.get("st") or {}).items():
+        counts = acc.setdefault("st", {})
+        counts[st] = counts.get(st, 0) + int(c)
+
+
+def total(summaries: Any) -> dict[str, Any]:
+    acc = summary()
+    for s in summaries:
+        add_summary(acc, s)
+    return acc
+
+
+# -- buckets ------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One reading inside a bucket, as the read side sees it."""
+
+    sensor_id: str
+    us: int
+    pos: int
+    value: float
+    kind: str
+    unit: str | None
+    msg_id: str | None
+    bucket: str
+
+    @property
+    def ts(self) -> datetime:
+        return from_us(self.us)
+
+    def order_key(self) -> tuple[int, str, int]:
+        """Readings sort by time, then sensor, then arrival."""
+        return (self.us, self.sensor_id, self.pos)
+
+    def public(self) -> dict[str, Any]:
+        from sensor_gateway.model import iso
+
+        out: dict[str, Any] = {
+            "id": reading_id(self.bucket, self.pos),
+            "sensor_id": self.sensor_id,
+            "kind": self.kind,
+            "value": self.value,
+            "timestamp": iso(self.ts),
+        }
+        if self.unit:
+            out["unit"] = self.unit
+        if self.msg_id:
+            out["msg_id"] = self.msg_id
+        return out
+
+
+def samples_of(doc: dict[str, Any]) -> list[Sample]:
+    """The readings of a ``samples`` document, in arrival order."""
+    sid, base, bucket = doc["s"], doc["b"], doc["_id"]
+    attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
+    mids = doc.get("mi") or []
+    out = []
+    for pos, (t, v, ai) in enumerate(zip(doc["t"], doc["v"], doc["ai"], strict=False)):
+        kind, unit = attrs[ai]
+        out.append(
+            Sample(
+                sid, base + t, pos, v, kind, unit, mids[pos] if pos < len(mids) else None, bucket
+            )
+        )
+    return out
+
+
+@dataclass
+class BucketState:
+    """What the writer must know of a bucket to append to it exactly once."""
+
+    keys: set[str] = field(default_factory=set)
+    n: int = 0
+    # The distinct (kind, unit) of its readings; each reading has an index into it.
+    attrs: list[tuple[str, str | None]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=summary)
+
+    @classmethod
+    def of(cls, doc: dict[str, Any] | None) -> BucketState:
+        st = cls()
+        if not doc:
+            return st
+        st.keys = set(doc.get("k") or [])
+        st.attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
+        for s in samples_of(doc):
+            add_sample(st.summary, s.kind, s.value)
+        st.n = len(doc.get("t") or [])
+        return st

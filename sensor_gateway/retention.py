@@ -1,0 +1,140 @@
+"""Retention per tier, in a thread of its own (never on the ingest path).
+
+- raw tier (``ingest.retention_days``): minute buckets and every-sensor minute
+  summaries;
+- summary tier (``ingest.summary_retention_days``, 0 = forever): per-sensor and
+  every-sensor hour summaries and day summaries.
+Documents are deleted by their computed `_id`, an hour at a time from where
+the last sweep stopped (``meta.retention``), so a sweep costs what it
+deletes, never a scan of the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.database import Database
+
+from sensor_gateway import layout, storage
+from sensor_gateway.config import Config
+
+log = logging.getLogger("sensor_gateway.retention")
+
+
+def _sensors(db: Database) -> list[dict[str, Any]]:
+    # One document per sensor: its cost is the number of sensors, not of readings.
+    return list(db[layout.SENSORS].find({}, {"first": 1, "last": 1}))
+
+
+def _delete(db: Database, coll: str, ids: list[str]) -> int:
+    # One delete by `_id` each: the lookup FerretDB serves from an index ($in it scans).
+    return sum(db[coll].delete_one({"_id": i}).deleted_count for i in ids)
+
+
+def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None) -> int:
+    """Delete minute buckets and minute summaries of every hour ending by ``cutoff_us``."""
+    meta = db[layout.META].find_one({"_id": "retention"}) or {}
+    sensors = _sensors(db)
+    if not sensors:
+        return 0
+    hour = meta.get("raw", min(s.get("first", cutoff_us) for s in sensors))
+    end = layout.floor(cutoff_us, layout.US_HOUR)
+    deleted = 0
+    while hour < end and not (stop and stop.is_set()):
+        minutes: set[str] = set()
+        for s in sensors:
+            if not s.get("first", end) <= hour <= s.get("last", -1):
+                continue
+            doc = db[layout.HOURS].find_one({"_id": layout.sensor_hour_id(s["_id"], hour)})
+            present = sorted((doc or {}).get("m") or {})
+            minutes.update(present)
+            ids = [f"{s['_id']}|{layout.hour_key(hour)}{mi}" for mi in present]
+            deleted += _delete(db, layout.SAMPLES, ids)
+        _delete(db, layout.MINUTES, [f"{layout.ALL}|{layout.hour_key(hour)}{mi}" for mi in minutes])
+        hour += layout.US_HOUR
+        db[layout.META].update_one({"_id": "retention"}, {"$set": {"raw": hour}}, upsert=True)
+    return deleted
+
+
+def sweep_summaries(db: Database, cutoff_us: int, stop: threading.Event | None = None) -> int:
+    """Delete the hour and day summaries of every hour (day) ending by ``cutoff_us``."""
+    meta = db[layout.META].find_one({"_id": "retention"}) or {}
+    sensors = _sensors(db)
+    if not sensors:
+        return 0
+    hour = meta.get("summary", min(s.get("first", cutoff_us) for s in sensors))
+    end = layout.floor(cutoff_us, layout.US_HOUR)
+    deleted = 0
+    while hour < end and not (stop and stop.is_set()):
+        ids = [
+            layout.sensor_hour_id(s["_id"], hour)
+            for s in sensors
+            if s.get("first", end) <= hour <= s.get("last", -1)
+        ]
+        ids.append(layout.all_hour_id(hour))
+        if (hour + layout.US_HOUR) % layout.US_DAY == 0:  # the day's last hour is gone
+            ids.append(layout.all_day_id(hour))
+        deleted += _delete(db, layout.HOURS, ids)
+        hour += layout.US_HOUR
+        db[layout.META].update_one({"_id": "retention"}, {"$set": {"summary": hour}}, upsert=True)
+    return deleted
+
+
+def sweep(db: Database, cfg: Config, now: datetime | None = None, stop=None) -> dict[str, int]:
+    """One sweep of every tier; returns what it deleted."""
+    now_us = layout.to_us(now or datetime.now(UTC))
+    out = {"buckets": 0, "summaries": 0, "rejects": 0}
+    icfg = cfg.ingest
+    if icfg.retention_days:
+        cutoff = now_us - icfg.retention_days * layout.US_DAY
+        out["buckets"] = sweep_raw(db, cutoff, stop)
+        out["rejects"] = (
+            db[layout.REJECTED]
+            .delete_many({"received_at": {"$lt": layout.from_us(cutoff)}})
+            .deleted_count
+        )
+    if icfg.summary_retention_days:
+        out["summaries"] = sweep_summaries(
+            db, now_us - icfg.summary_retention_days * layout.US_DAY, stop
+        )
+    return out
+
+
+class Sweeper:
+    """Runs :func:`sweep` every ``ingest.retention_interval_s`` with its own connection."""
+
+    def __init__(self, cfg: Config, stop: threading.Event) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        icfg = self.cfg.ingest
+        if not (icfg.retention_days or icfg.summary_retention_days) or self.thread:
+            return
+        self.thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        db = None
+        while not self.stop.wait(0 if db is None else self.cfg.ingest.retention_interval_s):
+            try:
+                db = db or storage.connect(self.cfg, appname="sensor-ingest-retention")
+                n = sweep(db, self.cfg, stop=self.stop)
+                if any(n.values()):
+                    log.info(
+                        "retention: deleted %d minute buckets, %d summaries, %d rejects",
+                        n["buckets"],
+                        n["summaries"],
+                        n["rejects"],
+                    )
+            except Exception as exc:  # noqa: BLE001 - retried next interval; never stops ingest
+                log.warning(
+                    "retention sweep failed (%s); retrying in %gs",
+                    exc,
+                    self.cfg.ingest.retention_interval_s,
+                )
+                db = db or False  # connected or not, wait a full interval

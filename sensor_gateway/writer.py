@@ -1,0 +1,348 @@
+"""The write side of the layout (:mod:`sensor_gateway.layout`): a batch of
+readings appended to their minute buckets exactly once, and every summary
+above them set to its recomputed value.
+
+Exactly once, without transactions (FerretDB has none):
+- every reading carries a key (its dedupe key, or one made up when it arrives,
+  so a retried batch is still recognised); a bucket lists the keys it holds,
+  and a reading whose key is already in its bucket is not appended again;
+- one bucket's append is one single-document update, which both engines apply
+  atomically: after a crash a bucket holds a batch's readings wholly or not at all;
+- summaries are *set* to values recomputed from the buckets, so writing them
+  again heals whatever a crash between two writes left behind, and a
+  redelivered batch writes them again even when none of its readings is new.
+The writer knows what it wrote (a bounded cache of the buckets and summaries
+it touches) and reads a document by `_id` only the first time it needs it;
+after any failed write it forgets what the write touched and reads it again.
+This needs one writer per database at a time (the ingester); see DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymongo import UpdateOne
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError
+
+from sensor_gateway import layout
+from sensor_gateway.layout import BucketState
+
+# How far back a redelivered reading without its own timestamp is recognised.
+RECEIPT_LOOKBACK_US = 15 * layout.US_MINUTE
+
+
+def field_name(sensor_id: str) -> str:
+    """A sensor id as a field name: ``.`` would be read as a path."""
+    return sensor_id.replace(".", "~")
+
+
+def sensor_of(name: str) -> str:
+    return name.replace("~", ".")
+
+
+def new_key() -> str:
+    """The key of a reading that has no dedupe key of its own (see payload.py)."""
+    return "~" + secrets.token_hex(12)
+
+
+class _Lru(collections.OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.evicted = False
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+            self.evicted = True
+
+
+@dataclass
+class Written:
+    new: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+    # (reading, reason) for each reading the server refused (with its bucket).
+    refused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+
+class Writer:
+    """Appends readings (``payload.parse`` documents) to the layout.
+
+    ``fresh_after_us``: documents of times after this cannot exist yet (nothing
+    else writes, and nothing before this writer could have accepted readings
+    that far ahead), so a cache miss there needs no read. ``assume_empty`` says
+    the same of every time (bulk loads into a new database).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        fresh_after_us: int | None = None,
+        assume_empty: bool = False,
+        cache_size: int = 4096,
+    ) -> None:
+        self.db = db
+        self.fresh_after_us = fresh_after_us
+        self.assume_empty = assume_empty
+        self.buckets: _Lru = _Lru(cache_size)  # bucket id -> BucketState
+        # id -> {name: summary}: minutes of a sensor-hour; sensors of a minute,
+        # of an hour (all sensors) and hours of a day (per sensor, from hour docs).
+        self.summaries: _Lru = _Lru(cache_size)
+        self.registered: _Lru = _Lru(cache_size)  # (sensor, hour, kind) already in `sensors`
+
+    # -- what is there ---------------------------------------------------------------
+
+    def _fresh(self, start_us: int) -> bool:
+        if self.buckets.evicted or self.summaries.evicted:
+            # What it wrote may have left the cache: from now on it reads.
+            self.assume_empty, self.fresh_after_us = False, None
+        return self.assume_empty or (
+            self.fresh_after_us is not None and start_us > self.fresh_after_us
+        )
+
+    def _bucket(self, bid: str, start_us: int) -> BucketState:
+        st = self.buckets.get(bid)
+        if st is None:
+            doc = None if self._fresh(start_us) else self.db[layout.SAMPLES].find_one({"_id": bid})
+            st = BucketState.of(doc)
+            self.buckets.put(bid, st)
+        return st
+
+    def _summary_doc(self, coll: str, sid: str, start_us: int, path: str) -> dict[str, Any]:
+        """The summaries under ``path`` (``m`` or ``by``) of one summary document."""
+        got = self.summaries.get(sid)
+        if got is None:
+            doc = None if self._fresh(start_us) else self.db[coll].find_one({"_id": sid})
+            got = dict((doc or {}).get(path) or {})
+            self.summaries.put(sid, got)
+        return got
+
+    def _day_hours(self, sensor_field: str, day_us: int) -> dict[str, Any]:
+        """Hour summaries of one sensor over one day, from the all-sensor hour docs."""
+        out: dict[str, Any] = {}
+        for h in range(24):
+            hour_us = day_us + h * layout.US_HOUR
+            s = self._summary_doc(layout.HOURS, layout.all_hour_id(hour_us), hour_us, "by")
+            if sensor_field in s:
+                out[layout.hour_index(hour_us)] = s[sensor_field]
+        return out
+
+    # -- the write -------------------------------------------------------------------
+
+    def write(self, readings: Iterable[dict[str, Any]]) -> Written:
+        """Append new readings; return them (with ``_id`` set to their public id).
+
+        Raises for an error not about particular buckets (the caller holds the
+        batch and retries: nothing is lost, nothing doubled).
+        """
+        groups: dict[str, list[dict[str, Any]]] = {}
+        redelivered = 0
+        try:
+            for r in readings:
+                us = layout.to_us(r["ts"])
+                r["_us"] = us
+                r.setdefault("key", r.get("_id") or new_key())
+                if r.get("ts_from_receipt") and self._seen_recently(r):
+                    redelivered += 1
+                    continue
+                groups.setdefault(layout.bucket_id(r["sensor_id"], us), []).append(r)
+            out = self._write(groups)
+        except BaseException:
+            self.forget(groups)
+            raise
+        out.duplicates += redelivered
+        return out
+
+    def _seen_recently(self, r: dict[str, Any]) -> bool:
+        """A reading timed on arrival gets a new time when the broker redelivers
+        it, so its bucket may differ: look for its key in the sensor's buckets of
+        the last RECEIPT_LOOKBACK_US (a crash and restart take less)."""
+        if r["key"].startswith("~"):
+            return False  # a key made up on arrival is never seen again
+        end = layout.floor(r["_us"], layout.US_MINUTE)
+        start = end - RECEIPT_LOOKBACK_US
+        for minute in range(end, start - 1, -layout.US_MINUTE):
+            if r["key"] in self._bucket(layout.bucket_id(r["sensor_id"], minute), minute).keys:
+                return True
+        return False
+
+    def forget(self, ids: Iterable[str]) -> None:
+        """Drop what the cache knows of these buckets and every summary above them."""
+        for bid in ids:
+            self.buckets.pop(bid, None)
+        # Summaries are shared between buckets: forget them all, they are re-read.
+        self.summaries.clear()
+        self.registered.clear()
+
+    def _write(self, groups: dict[str, list[dict[str, Any]]]) -> Written:
+        out = Written()
+        sample_ops: list[UpdateOne] = []
+        op_bucket: list[str] = []
+        appended: dict[str, list[dict[str, Any]]] = {}
+        new_state: dict[str, BucketState] = {}
+        for bid, rs in groups.items():
+            sid = rs[0]["sensor_id"]
+            base = layout.floor(rs[0]["_us"], layout.US_MINUTE)
+            old = self._bucket(bid, base)
+            st = BucketState(set(old.keys), old.n, list(old.attrs), dict(old.summary))
+            if "st" in old.summary:
+                st.summary["st"] = dict(old.summary["st"])
+            push: dict[str, list[Any]] = {"t": [], "v": [], "k": [], "ai": [], "mi": []}
+            attrs_before = len(st.attrs)
+            new: list[dict[str, Any]] = []
+            for r in rs:
+                if r["key"] in st.keys:
+                    out.duplicates += 1
+                    continue
+                attr = (r["kind"], r.get("unit") or None)
+                if attr not in st.attrs:
+                    st.attrs.append(attr)
+                st.keys.add(r["key"])
+                push["t"].append(r["_us"] - base)
+                push["v"].append(r["value"])
+                push["k"].append(r["key"])
+                push["ai"].append(st.attrs.index(attr))
+                push["mi"].append(r.get("msg_id"))
+                layout.add_sample(st.summary, r["kind"], r["value"])
+                r["_pos"] = st.n
+                r["_bucket"] = bid
+                st.n += 1
+                new.append(r)
+            new_state[bid] = st
+            if not new:
+                continue
+            update: dict[str, Any] = {
+                "$push": {f: {"$each": vals} for f, vals in push.items()},
+                "$setOnInsert": {"s": sid, "b": base},
+            }
+            if len(st.attrs) != attrs_before:
+                # Objects, not pairs: FerretDB stores no arrays inside arrays.
+                update["$set"] = {"a": [{"k": k, "u": u} for k, u in st.attrs]}
+            sample_ops.append(UpdateOne({"_id": bid}, update, upsert=True))
+            op_bucket.append(bid)
+            appended[bid] = new
+
+        refused_buckets = self._bulk(layout.SAMPLES, sample_ops, op_bucket)
+        for bid, reason in refused_buckets.items():
+            for r in appended.pop(bid):
+                out.refused.append((r, reason))
+            new_state.pop(bid)
+            self.buckets.pop(bid, None)
+        self._write_summaries(groups, new_state)
+        for bid, st in new_state.items():
+            self.buckets.put(bid, st)
+        for rs in appended.values():
+            for r in rs:
+                r["_id"] = layout.reading_id(r["_bucket"], r["_pos"])
+                out.new.append(r)
+        return out
+
+    def _bulk(self, coll: str, ops: list[UpdateOne], names: list[str]) -> dict[str, str]:
+        """Run ops unordered; returns {name: reason} for documents the server refused
+        (too large, say). Any other error is raised."""
+        from sensor_gateway.storage import DOCUMENT, classify, error_of
+
+        if not ops:
+            return {}
+        try:
+            self.db[coll].bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            refused = {}
+            for e in exc.details.get("writeErrors", []):
+                probe = error_of(e)
+                if classify(probe) != DOCUMENT:
+                    raise probe from exc
+                refused[names[e["index"]]] = (
+                    f"MongoDB refused the reading's bucket: {e.get('errmsg', '')} "
+                    f"(code {e.get('code')})"
+                )
+            return refused
+        return {}
+
+    def _write_summaries(
+        self, groups: dict[str, list[dict[str, Any]]], states: dict[str, BucketState]
+    ) -> None:
+        hour_ops: dict[str, dict[str, Any]] = {}
+        minute_ops: dict[str, dict[str, Any]] = {}
+        sensor_ops: dict[str, dict[str, Any]] = {}
+
+        def op(ops: dict[str, dict[str, Any]], _id: str, start_us: int) -> dict[str, Any]:
+            return ops.setdefault(_id, {"$set": {}, "$setOnInsert": {"b": start_us}})
+
+        touched_hours: dict[tuple[str, int], None] = {}
+        register: list[tuple[str, int, str]] = []
+        for bid, st in states.items():
+            rs = groups[bid]
+            sid = rs[0]["sensor_id"]
+            fname = field_name(sid)
+            minute = layout.floor(rs[0]["_us"], layout.US_MINUTE)
+            hour = layout.floor(minute, layout.US_HOUR)
+            mi = layout.minute_index(minute)
+            s = {k: v for k, v in st.summary.items() if v is not None or k != "kind"}
+            # The sensor's hour: this minute's summary.
+            shid = layout.sensor_hour_id(sid, hour)
+            minutes = self._summary_doc(layout.HOURS, shid, hour, "m")
+            minutes[mi] = s
+            o = op(hour_ops, shid, hour)
+            o["$set"][f"m.{mi}"] = s
+            o["$setOnInsert"]["s"] = sid
+            # Every sensor's minute.
+            mid = layout.minute_doc_id(minute)
+            self._summary_doc(layout.MINUTES, mid, minute, "by")[fname] = s
+            op(minute_ops, mid, minute)["$set"][f"by.{fname}"] = s
+            touched_hours[(sid, hour)] = None
+            for kind in {r["kind"] for r in rs}:
+                if (sid, hour, kind) in self.registered:
+                    continue
+                register.append((sid, hour, kind))
+                so = sensor_ops.setdefault(sid, {"$set": {}, "$min": {}, "$max": {}})
+                so["$set"][f"kinds.{field_name(kind)}"] = True
+                so["$min"]["first"] = min(so["$min"].get("first", hour), hour)
+                so["$max"]["last"] = max(so["$max"].get("last", hour), hour)
+        # Every sensor's hour and day, from the sensor-hour summaries above.
+        for sid, hour in touched_hours:
+            fname = field_name(sid)
+            minutes = self.summaries[layout.sensor_hour_id(sid, hour)]
+            hid = layout.all_hour_id(hour)
+            hs = self._summary_doc(layout.HOURS, hid, hour, "by")
+            hs[fname] = layout.total(minutes.values())
+            o = op(hour_ops, hid, hour)
+            o["$set"][f"by.{fname}"] = hs[fname]
+            day = layout.floor(hour, layout.US_DAY)
+            hours = self._day_hours(fname, day)
+            op(hour_ops, layout.all_day_id(day), day)["$set"][f"by.{fname}"] = layout.total(
+                hours.values()
+            )
+        # Status counts of each minute over all sensors, inside the all-sensor hour.
+        for mid in minute_ops:
+            minute = int(minute_ops[mid]["$setOnInsert"]["b"])
+            per_sensor = self.summaries[mid]
+            counts = layout.total(per_sensor.values()).get("st")
+            if counts:
+                hid = layout.all_hour_id(layout.floor(minute, layout.US_HOUR))
+                op(hour_ops, hid, layout.floor(minute, layout.US_HOUR))["$set"][
+                    f"ms.{layout.minute_index(minute)}"
+                ] = counts
+        self._bulk_updates(layout.HOURS, hour_ops)
+        self._bulk_updates(layout.MINUTES, minute_ops)
+        self._bulk_updates(layout.SENSORS, sensor_ops)
+        for item in register:
+            self.registered.put(item, True)
+
+    def _bulk_updates(self, coll: str, ops: dict[str, dict[str, Any]]) -> None:
+        if not ops:
+            return
+        updates = [
+            UpdateOne({"_id": _id}, {k: v for k, v in u.items() if v}, upsert=True)
+            for _id, u in ops.items()
+        ]
+        self.db[coll].bulk_write(updates, ordered=False)
