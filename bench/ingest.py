@@ -4,12 +4,15 @@ All three subscribers drain the same backlog, published once, on the same
 services in the same run (the broker queues a copy for each persistent
 session):
 - ceiling: a bare paho MQTT 5 subscriber that only decodes JSON (auto-ack);
-- ingest:  `sensor-gateway ingest` as a process (validate, batch, insert_many,
-           rollups, Redis, then acknowledge);
+- ingest:  `sensor-gateway ingest` as a process (validate, batch, append to the
+           minute buckets and set the summaries, Redis, then acknowledge);
 - naive:   one insert_one per message, acknowledged after it, as the systems
            this replaces do (run on a slice of the backlog: it is slow).
 Then latency: the simulator publishes at a steady rate to the running
 ingester, and a Redis live-channel subscriber times publish → stored.
+`disk_write_bytes_per_reading`: bytes the database server wrote to storage
+(`write_bytes` of its /proc/<pid>/io) while the ingester drained the backlog,
+per stored reading: SD cards wear by bytes written.
 
 Usage: python bench/ingest.py [--messages 60000] [--naive-messages 3000]
        [--rate 1000] [--latency-seconds 15]
@@ -161,9 +164,19 @@ def cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
+def write_bytes(pid: int) -> int:
+    """Bytes this process caused to be sent to storage (Linux /proc/<pid>/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes in /proc/{pid}/io")
+
+
 def db_insert_rate(cfg, batches: int = 20, size: int = 500) -> float:
-    """The database alone: insert_many of reading-shaped documents, one client."""
+    """The database alone: the storage layer's writer, batches of reading documents,
+    one client (the ingester's write stage without MQTT, validation or Redis)."""
     from sensor_gateway.payload import parse
+    from sensor_gateway.writer import Writer
 
     db = storage.connect(cfg)
     now = datetime.now(UTC)
@@ -180,9 +193,11 @@ def db_insert_rate(cfg, batches: int = 20, size: int = 500) -> float:
         ]
         for j in range(batches)
     ]
+    storage.prepare(db, cfg)
+    writer = Writer(db)
     t0 = time.perf_counter()
     for batch in docs:
-        storage.insert_readings(db, batch)
+        writer.write(batch)
     rate = batches * size / (time.perf_counter() - t0)
     db.client.drop_database(db.name)
     return rate
@@ -250,6 +265,7 @@ def main() -> None:
             "redis": stack.redis.proc.pid,
         }
         cpu0 = {k: cpu_seconds(pid) for k, pid in services.items()}
+        written0 = write_bytes(stack.mongo.proc.pid)
         t0 = time.perf_counter()
         ing = spawn("ingest", log="ingest.log")
         sampler = RssSampler(ing.pid)
@@ -259,6 +275,9 @@ def main() -> None:
                 raise SystemExit((root / "ingest.log").read_text()[-2000:])
             time.sleep(0.05)
         drain_s = time.perf_counter() - t0
+        # Summaries are written with the batch, before its acknowledgement: nothing
+        # of this drain is still to be written.
+        db_written = write_bytes(stack.mongo.proc.pid) - written0
         ingest_rate = args.messages / drain_s
         # Where the time goes: CPU seconds each process used while draining, as a share
         # of the wall time (2 cores here: 2.0 is the whole machine).
@@ -266,11 +285,10 @@ def main() -> None:
             k: round((cpu_seconds(pid) - cpu0[k]) / drain_s, 2) for k, pid in services.items()
         }
         cpu_share["ingester"] = round(cpu_seconds(ing.pid) / drain_s, 2)
-        ids = {
-            d["msg_id"] for d in db.readings.find({"msg_id": {"$regex": f"^{run}-"}}, {"msg_id": 1})
-        }
+        stored = [r["msg_id"] for r in storage.scan_readings(db)]
+        ids = {m for m in stored if m and m.startswith(f"{run}-")}
         lost = args.messages - len(ids)
-        stored_docs = db.readings.count_documents({})
+        stored_docs = len(stored)
 
         naive = drain_naive(cfg, args.naive_messages)
         db_only = db_insert_rate(
@@ -323,11 +341,12 @@ def main() -> None:
                     "rss_mb": round(sampler.peak, 1),
                     "lost": lost,
                     "duplicates": stored_docs - len(ids),
+                    "disk_write_bytes_per_reading": round(db_written / max(1, stored_docs), 1),
                     "messages": args.messages,
                     "naive_messages": args.naive_messages,
                     "mongo_engine": stack.mongo.engine,
                     "cpu_cores_during_ingest": cpu_share,
-                    # The database server's own ceiling for these documents (insert_many of 500).
+                    # The storage layer alone, batches of 500 through its writer.
                     "db_insert_many_docs_per_s": round(db_only),
                     "ingest_vs_db_insert": round(ingest_rate / db_only, 3),
                     "latency_mean_ms": round(statistics.fmean(lat), 1) if lat else None,

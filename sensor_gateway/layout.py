@@ -10,7 +10,9 @@ Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*
 - ``samples``  ``<sid>|YYYYMMDDHHMM``  one sensor's readings of one UTC minute, in
   parallel arrays in arrival order (the bucket pattern): ``t`` µs after the
   minute ``b`` (µs since 1970), ``v`` value, ``k`` key, ``ai`` index into ``a``
-  (the distinct kind and unit), ``mi`` msg_id. Minutes, not hours:
+  (the distinct kind and unit), ``mi`` msg_id. A minute's readings beyond
+  SEGMENT go on in ``<sid>|YYYYMMDDHHMM/1``, ``/2``… (``o``: position of the
+  first; the minute's summary says how many documents, ``g``). Minutes, not hours:
   every batch rewrites the buckets it touches, so a small bucket keeps the
   bytes written per reading low (SD cards wear by bytes written).
 - ``minutes``  ``*|YYYYMMDDHHMM``      every sensor's summary of one minute (``by``).
@@ -56,6 +58,10 @@ US_MINUTE = 60_000_000
 US_HOUR = 60 * US_MINUTE
 US_DAY = 24 * US_HOUR
 STATUSES = tuple(str(s) for s in range(7))
+# Readings per ``samples`` document: every write rewrites the documents it appends
+# to, so a bound on their size bounds the bytes written per reading, however fast
+# a sensor sends.
+SEGMENT = 240
 
 
 # -- time ---------------------------------------------------------------------------
@@ -92,8 +98,15 @@ def day_key(us: int) -> str:
 # -- ids ----------------------------------------------------------------------------
 
 
-def bucket_id(sensor_id: str, us: int) -> str:
-    return f"{sensor_id}|{minute_key(us)}"
+def bucket_id(sensor_id: str, us: int, segment: int = 0) -> str:
+    """A sensor's minute; its readings beyond the first SEGMENT go to ``…/1``, ``…/2``."""
+    base = f"{sensor_id}|{minute_key(us)}"
+    return f"{base}/{segment}" if segment else base
+
+
+def segments(summary: dict[str, Any] | None) -> int:
+    """How many documents hold a sensor's minute (its summary's ``g``)."""
+    return int((summary or {}).get("g", 1))
 
 
 def sensor_hour_id(sensor_id: str, us: int) -> str:
@@ -113,7 +126,7 @@ def all_day_id(us: int) -> str:
 
 
 def reading_id(bucket: str, pos: int) -> str:
-    """A reading's public id: its bucket and arrival position. Zero-padded, so
+    """A reading's public id: its minute and arrival position. Zero-padded, so
     that readings of one sensor with equal timestamps sort in arrival order
     wherever ids are compared as text (Redis breaks score ties that way)."""
     return f"{bucket}.{pos:05d}"
@@ -218,38 +231,47 @@ class Sample:
 
 def samples_of(doc: dict[str, Any]) -> list[Sample]:
     """The readings of a ``samples`` document, in arrival order."""
-    sid, base, bucket = doc["s"], doc["b"], doc["_id"]
+    sid, base, offset = doc["s"], doc["b"], doc.get("o", 0)
+    bucket = doc["_id"].partition("/")[0]
     attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
     mids = doc.get("mi") or []
     out = []
-    for pos, (t, v, ai) in enumerate(zip(doc["t"], doc["v"], doc["ai"], strict=False)):
+    for i, (t, v, ai) in enumerate(zip(doc["t"], doc["v"], doc["ai"], strict=False)):
         kind, unit = attrs[ai]
-        out.append(
-            Sample(
-                sid, base + t, pos, v, kind, unit, mids[pos] if pos < len(mids) else None, bucket
-            )
-        )
+        mid = mids[i] if i < len(mids) else None
+        out.append(Sample(sid, base + t, offset + i, v, kind, unit, mid, bucket))
     return out
 
 
 @dataclass
-class BucketState:
-    """What the writer must know of a bucket to append to it exactly once."""
+class MinuteState:
+    """What the writer must know of a sensor's minute to append to it exactly once."""
 
     keys: set[str] = field(default_factory=set)
-    n: int = 0
-    # The distinct (kind, unit) of its readings; each reading has an index into it.
-    attrs: list[tuple[str, str | None]] = field(default_factory=list)
+    n: int = 0  # readings in the minute
+    segments: int = 0  # its documents
+    last_n: int = 0  # readings in the last one
+    # The distinct (kind, unit) of the last document's readings (``a``).
+    last_attrs: list[tuple[str, str | None]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=summary)
 
     @classmethod
-    def of(cls, doc: dict[str, Any] | None) -> BucketState:
+    def of(cls, docs: list[dict[str, Any]]) -> MinuteState:
         st = cls()
-        if not doc:
-            return st
-        st.keys = set(doc.get("k") or [])
-        st.attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
-        for s in samples_of(doc):
-            add_sample(st.summary, s.kind, s.value)
-        st.n = len(doc.get("t") or [])
+        for doc in docs:
+            st.keys.update(doc.get("k") or ())
+            for smp in samples_of(doc):
+                add_sample(st.summary, smp.kind, smp.value)
+            st.segments += 1
+            st.last_n = len(doc.get("t") or ())
+            st.n += st.last_n
+            st.last_attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
         return st
+
+    def copy(self) -> MinuteState:
+        s = dict(self.summary)
+        if "st" in s:
+            s["st"] = dict(s["st"])
+        return MinuteState(
+            set(self.keys), self.n, self.segments, self.last_n, list(self.last_attrs), s
+        )

@@ -263,7 +263,7 @@ class MongoServer(Service):
         return [
             find_ferretdb() or "ferretdb",
             "--handler=sqlite",
-            f"--sqlite-url=file:{data}/",
+            f"--sqlite-url=file:{self.sqlite_dir}/",
             f"--listen-addr=127.0.0.1:{self.port}",
             # No debug listener: nothing here reads it, and a port picked free can
             # be taken (by any outgoing connection) before FerretDB binds it.
@@ -294,6 +294,11 @@ class MongoServer(Service):
     @property
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
+
+    @property
+    def sqlite_dir(self) -> Path:
+        """FerretDB's SQLite folder (its --sqlite-url)."""
+        return self.dir / "data"
 
 
 @dataclass(kw_only=True)
@@ -399,7 +404,15 @@ class Stack:
                 "reconnect_min_s": 0.2,
                 "reconnect_max_s": 2.0,
             },
-            "mongodb": {"uri": self.mongo.uri, "database": database, "timeout_ms": 2000},
+            "mongodb": {
+                "uri": self.mongo.uri,
+                "database": database,
+                "timeout_ms": 2000,
+                # The gateway indexes FerretDB's tables for reads by _id (ferretdb.py).
+                "ferretdb_sqlite_dir": str(self.mongo.sqlite_dir)
+                if self.mongo.engine == "ferretdb"
+                else "",
+            },
             "redis": {
                 "url": self.redis.url,
                 "password_file": str(sec / "redis-password"),

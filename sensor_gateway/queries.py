@@ -223,19 +223,17 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
             # One document says which sensors have readings in this hour.
             by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}
             present = [sid for sid in present if field_name(sid) in by]
-        by_minute: dict[int, list[str]] = {}
+        by_minute: dict[int, list[tuple[str, int]]] = {}
         for sid in present:
             doc = r.get(layout.HOURS, layout.sensor_hour_id(sid, hour)) or {}
             for mi, summary in (doc.get("m") or {}).items():
                 minute = hour + int(mi) * US_MINUTE
                 if minute + US_MINUTE > lo and minute < hi and q.may_hold(summary):
-                    by_minute.setdefault(minute, []).append(sid)
+                    by_minute.setdefault(minute, []).append((sid, layout.segments(summary)))
         for minute in sorted(by_minute, reverse=desc):
             found: list[Sample] = []
-            for sid in by_minute[minute]:
-                doc = r.get(layout.SAMPLES, layout.bucket_id(sid, minute))
-                if doc:
-                    found.extend(s for s in layout.samples_of(doc) if lo <= s.us < hi)
+            for sid, n in by_minute[minute]:
+                found.extend(s for s in minute_samples(r, sid, minute, n) if lo <= s.us < hi)
             found = [s for s in found if q.matches(s)]
             found.sort(key=Sample.order_key, reverse=desc)
             for s in found:
@@ -244,6 +242,16 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
                     if (k <= after) if not desc else (k >= after):
                         continue
                 yield s
+
+
+def minute_samples(r: Reader, sensor_id: str, minute: int, segments: int) -> list[Sample]:
+    """A sensor's readings of one minute, from its ``segments`` documents."""
+    out: list[Sample] = []
+    for i in range(segments):
+        doc = r.get(layout.SAMPLES, layout.bucket_id(sensor_id, minute, i))
+        if doc:
+            out.extend(layout.samples_of(doc))
+    return out
 
 
 def find_readings(
@@ -362,15 +370,16 @@ def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> di
     """{sensor_id: summary} of part of a minute, from its buckets."""
     minute = layout.floor(start, US_MINUTE)
     if sensor_id is not None:
-        sids = [sensor_id]
+        doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, minute)) or {}
+        summary = (doc.get("m") or {}).get(layout.minute_index(minute))
+        sids = [(sensor_id, layout.segments(summary))] if summary else []
     else:
         by = (r.get(layout.MINUTES, layout.minute_doc_id(minute)) or {}).get("by") or {}
-        sids = [sensor_of(k) for k in by]
+        sids = [(sensor_of(k), layout.segments(v)) for k, v in by.items()]
     out = {}
-    for sid in sids:
-        doc = r.get(layout.SAMPLES, layout.bucket_id(sid, minute))
+    for sid, n in sids:
         acc = layout.summary()
-        for s in layout.samples_of(doc) if doc else ():
+        for s in minute_samples(r, sid, minute, n):
             if start <= s.us < end:
                 layout.add_sample(acc, s.kind, s.value)
         if acc["n"]:

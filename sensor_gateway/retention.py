@@ -49,9 +49,13 @@ def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None)
             if not s.get("first", end) <= hour <= s.get("last", -1):
                 continue
             doc = db[layout.HOURS].find_one({"_id": layout.sensor_hour_id(s["_id"], hour)})
-            present = sorted((doc or {}).get("m") or {})
+            present = (doc or {}).get("m") or {}
             minutes.update(present)
-            ids = [f"{s['_id']}|{layout.hour_key(hour)}{mi}" for mi in present]
+            ids = [
+                layout.bucket_id(s["_id"], hour + int(mi) * layout.US_MINUTE, i)
+                for mi, summary in present.items()
+                for i in range(layout.segments(summary))
+            ]
             deleted += _delete(db, layout.SAMPLES, ids)
         _delete(db, layout.MINUTES, [f"{layout.ALL}|{layout.hour_key(hour)}{mi}" for mi in minutes])
         hour += layout.US_HOUR

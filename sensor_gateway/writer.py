@@ -30,7 +30,7 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError
 
 from sensor_gateway import layout
-from sensor_gateway.layout import BucketState
+from sensor_gateway.layout import MinuteState
 
 # How far back a redelivered reading without its own timestamp is recognised.
 RECEIPT_LOOKBACK_US = 15 * layout.US_MINUTE
@@ -91,7 +91,7 @@ class Writer:
         self.db = db
         self.fresh_after_us = fresh_after_us
         self.assume_empty = assume_empty
-        self.buckets: _Lru = _Lru(cache_size)  # bucket id -> BucketState
+        self.buckets: _Lru = _Lru(cache_size)  # minute bucket id -> MinuteState
         # id -> {name: summary}: minutes of a sensor-hour; sensors of a minute,
         # of an hour (all sensors) and hours of a day (per sensor, from hour docs).
         self.summaries: _Lru = _Lru(cache_size)
@@ -107,11 +107,17 @@ class Writer:
             self.fresh_after_us is not None and start_us > self.fresh_after_us
         )
 
-    def _bucket(self, bid: str, start_us: int) -> BucketState:
+    def _bucket(self, bid: str, start_us: int) -> MinuteState:
         st = self.buckets.get(bid)
         if st is None:
-            doc = None if self._fresh(start_us) else self.db[layout.SAMPLES].find_one({"_id": bid})
-            st = BucketState.of(doc)
+            docs: list[dict[str, Any]] = []
+            if not self._fresh(start_us):
+                # Its documents, until one is missing (the summary's count may lag).
+                while doc := self.db[layout.SAMPLES].find_one(
+                    {"_id": f"{bid}/{len(docs)}" if docs else bid}
+                ):
+                    docs.append(doc)
+            st = MinuteState.of(docs)
             self.buckets.put(bid, st)
         return st
 
@@ -186,52 +192,68 @@ class Writer:
         sample_ops: list[UpdateOne] = []
         op_bucket: list[str] = []
         appended: dict[str, list[dict[str, Any]]] = {}
-        new_state: dict[str, BucketState] = {}
+        new_state: dict[str, MinuteState] = {}
         for bid, rs in groups.items():
             sid = rs[0]["sensor_id"]
             base = layout.floor(rs[0]["_us"], layout.US_MINUTE)
-            old = self._bucket(bid, base)
-            st = BucketState(set(old.keys), old.n, list(old.attrs), dict(old.summary))
-            if "st" in old.summary:
-                st.summary["st"] = dict(old.summary["st"])
-            push: dict[str, list[Any]] = {"t": [], "v": [], "k": [], "ai": [], "mi": []}
-            attrs_before = len(st.attrs)
+            st = self._bucket(bid, base).copy()
+            # The documents this batch appends to: segment -> what to push, and
+            # its (kind, unit) list (``a``) if that grows.
+            pushes: dict[int, dict[str, Any]] = {}
             new: list[dict[str, Any]] = []
             for r in rs:
                 if r["key"] in st.keys:
                     out.duplicates += 1
                     continue
+                if st.segments == 0 or st.last_n >= layout.SEGMENT:
+                    st.segments += 1
+                    st.last_n, st.last_attrs = 0, []
+                seg = pushes.setdefault(
+                    st.segments - 1,
+                    {
+                        "fields": {"t": [], "v": [], "k": [], "ai": [], "mi": []},
+                        "attrs": st.last_attrs,
+                        "grew": False,
+                        "offset": st.n - st.last_n,
+                    },
+                )
                 attr = (r["kind"], r.get("unit") or None)
-                if attr not in st.attrs:
-                    st.attrs.append(attr)
+                if attr not in seg["attrs"]:
+                    seg["attrs"].append(attr)
+                    seg["grew"] = True
+                push = seg["fields"]
                 st.keys.add(r["key"])
                 push["t"].append(r["_us"] - base)
                 push["v"].append(r["value"])
                 push["k"].append(r["key"])
-                push["ai"].append(st.attrs.index(attr))
+                push["ai"].append(seg["attrs"].index(attr))
                 push["mi"].append(r.get("msg_id"))
                 layout.add_sample(st.summary, r["kind"], r["value"])
                 r["_pos"] = st.n
                 r["_bucket"] = bid
                 st.n += 1
+                st.last_n += 1
                 new.append(r)
+            st.summary["g"] = max(st.segments, 1)
             new_state[bid] = st
-            if not new:
-                continue
-            update: dict[str, Any] = {
-                "$push": {f: {"$each": vals} for f, vals in push.items()},
-                "$setOnInsert": {"s": sid, "b": base},
-            }
-            if len(st.attrs) != attrs_before:
-                # Objects, not pairs: FerretDB stores no arrays inside arrays.
-                update["$set"] = {"a": [{"k": k, "u": u} for k, u in st.attrs]}
-            sample_ops.append(UpdateOne({"_id": bid}, update, upsert=True))
-            op_bucket.append(bid)
-            appended[bid] = new
+            for i, seg in pushes.items():
+                update: dict[str, Any] = {
+                    "$push": {f: {"$each": vals} for f, vals in seg["fields"].items()},
+                    "$setOnInsert": {"s": sid, "b": base, "o": seg["offset"]},
+                }
+                if seg["grew"]:
+                    # Objects, not pairs: FerretDB stores no arrays inside arrays.
+                    update["$set"] = {"a": [{"k": k, "u": u} for k, u in seg["attrs"]]}
+                sample_ops.append(
+                    UpdateOne({"_id": layout.bucket_id(sid, base, i)}, update, upsert=True)
+                )
+                op_bucket.append(bid)
+            if new:
+                appended[bid] = new
 
         refused_buckets = self._bulk(layout.SAMPLES, sample_ops, op_bucket)
         for bid, reason in refused_buckets.items():
-            for r in appended.pop(bid):
+            for r in appended.pop(bid, ()):
                 out.refused.append((r, reason))
             new_state.pop(bid)
             self.buckets.pop(bid, None)
@@ -269,7 +291,7 @@ class Writer:
         return {}
 
     def _write_summaries(
-        self, groups: dict[str, list[dict[str, Any]]], states: dict[str, BucketState]
+        self, groups: dict[str, list[dict[str, Any]]], states: dict[str, MinuteState]
     ) -> None:
         hour_ops: dict[str, dict[str, Any]] = {}
         minute_ops: dict[str, dict[str, Any]] = {}
