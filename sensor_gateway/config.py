@@ -74,7 +74,10 @@ class IngestConfig:
     topic: str = "sensors/#"
     # MQTT 5 session expiry: how long the broker keeps our queue while we are away.
     session_expiry_s: int = 7 * 24 * 3600
-    batch_size: int = 500
+    # A batch fills up only while messages wait (a backlog); at live rates
+    # batch_timeout_ms closes it first. Large batches matter because every write
+    # costs per document touched (a bucket per sensor-minute), not per reading.
+    batch_size: int = 2000
     batch_timeout_ms: int = 50
     # Receive Maximum = batch_size * this: one batch being written, one being
     # acknowledged, one arriving.

@@ -61,7 +61,7 @@ STATUSES = tuple(str(s) for s in range(7))
 # Readings per ``samples`` document: every write rewrites the documents it appends
 # to, so a bound on their size bounds the bytes written per reading, however fast
 # a sensor sends.
-SEGMENT = 240
+SEGMENT = 30
 
 
 # -- time ---------------------------------------------------------------------------

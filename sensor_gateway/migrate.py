@@ -5,8 +5,8 @@ Idempotent and resumable: every old reading is written with its old `_id` as
 its key, so the writer recognises one written before (an interrupted run is
 simply run again); progress is kept in ``meta.migration`` so that a resumed run
 skips what is done. When every reading is moved, ``readings`` and
-``rollups_minute`` are renamed ``readings_v1`` and ``rollups_minute_v1`` (drop
-them once satisfied) and the database is marked layout 2. Run it with the
+``rollups_minute`` are renamed ``readings_v1`` and ``rollups_minute_v1`` (or
+``…_v1_2`` if those exist; drop them once satisfied) and the database is marked layout 2. Run it with the
 ingester stopped: the writer must be the only one.
 """
 
@@ -82,9 +82,16 @@ def run(db: Database, progress: Callable[[int, int], None] | None = None) -> dic
         if len(chunk) >= CHUNK:
             flush()
     flush()
+    names = set(db.list_collection_names())
     for name in (layout.FLAT_READINGS, layout.FLAT_ROLLUPS):
-        if name in db.list_collection_names():
-            db[name].rename(f"{name}_v1", dropTarget=True)
+        if name in names:
+            # Never over an older copy (FerretDB has no dropTarget either).
+            target = next(
+                t
+                for i in range(1, 1000)
+                if (t := f"{name}_v1" + (f"_{i}" if i > 1 else "")) not in names
+            )
+            db[name].rename(target)
     db[layout.META].update_one(
         {"_id": "layout"}, {"$set": {"version": layout.VERSION}}, upsert=True
     )

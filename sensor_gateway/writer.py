@@ -34,6 +34,11 @@ from sensor_gateway.layout import MinuteState
 
 # How far back a redelivered reading without its own timestamp is recognised.
 RECEIPT_LOOKBACK_US = 15 * layout.US_MINUTE
+# FerretDB 1.24 (SQLite) holds one pooled SQLite connection per update of an existing
+# document until the whole command ends: a command updating 100 existing documents
+# exhausts its pool of 100 and hangs the server for every client (a batch touching
+# 100 sensors does). So each command carries at most this many updates.
+MAX_UPDATES_PER_COMMAND = 50
 
 
 def field_name(sensor_id: str) -> str:
@@ -271,24 +276,22 @@ class Writer:
         (too large, say). Any other error is raised."""
         from sensor_gateway.storage import DOCUMENT, classify, error_of
 
-        if not ops:
-            return {}
-        try:
-            self.db[coll].bulk_write(ops, ordered=False)
-        except BulkWriteError as exc:
-            if exc.details.get("writeConcernErrors"):
-                raise
-            refused = {}
-            for e in exc.details.get("writeErrors", []):
-                probe = error_of(e)
-                if classify(probe) != DOCUMENT:
-                    raise probe from exc
-                refused[names[e["index"]]] = (
-                    f"MongoDB refused the reading's bucket: {e.get('errmsg', '')} "
-                    f"(code {e.get('code')})"
-                )
-            return refused
-        return {}
+        refused: dict[str, str] = {}
+        for at in range(0, len(ops), MAX_UPDATES_PER_COMMAND):
+            try:
+                self.db[coll].bulk_write(ops[at : at + MAX_UPDATES_PER_COMMAND], ordered=False)
+            except BulkWriteError as exc:
+                if exc.details.get("writeConcernErrors"):
+                    raise
+                for e in exc.details.get("writeErrors", []):
+                    probe = error_of(e)
+                    if classify(probe) != DOCUMENT:
+                        raise probe from exc
+                    refused[names[at + e["index"]]] = (
+                        f"MongoDB refused the reading's bucket: {e.get('errmsg', '')} "
+                        f"(code {e.get('code')})"
+                    )
+        return refused
 
     def _write_summaries(
         self, groups: dict[str, list[dict[str, Any]]], states: dict[str, MinuteState]
@@ -367,4 +370,5 @@ class Writer:
             UpdateOne({"_id": _id}, {k: v for k, v in u.items() if v}, upsert=True)
             for _id, u in ops.items()
         ]
-        self.db[coll].bulk_write(updates, ordered=False)
+        for at in range(0, len(updates), MAX_UPDATES_PER_COMMAND):
+            self.db[coll].bulk_write(updates[at : at + MAX_UPDATES_PER_COMMAND], ordered=False)
