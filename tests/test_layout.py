@@ -244,3 +244,11 @@ def test_cost_is_bounded_and_unknown_sensors_cost_one_read(db) -> None:
     assert queries.find_readings(r, queries.ReadingQuery(sensor_id="c", limit=5))[0]
     # The registry, two hour documents and one minute each: the page, not 600 minutes.
     assert r.read <= 9
+
+
+def test_daemons_refuse_the_old_layout_naming_the_command(gateway: Gateway) -> None:
+    gateway.db[layout.FLAT_READINGS].insert_many(flat_docs(3))
+    for cmd in ("ingest", "api"):
+        proc = gateway.spawn(cmd)
+        assert proc.wait(60) == 78, proc.log_path.read_text()
+        assert "sensor-gateway migrate" in proc.log_path.read_text()
