@@ -201,6 +201,21 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def cmd_ferretdb_index(args: argparse.Namespace) -> int:
+    from sensor_gateway import ferretdb, layout
+
+    cfg = _load(args)
+    folder = cfg.mongodb.ferretdb_sqlite_dir
+    if not folder:
+        print("mongodb.ferretdb_sqlite_dir is not set: nothing to index (MongoDB, or not ours)")
+        return 0
+    slow = ferretdb.ensure_id_indexes(folder, cfg.mongodb.database, layout.BY_ID)
+    for coll in layout.BY_ID:
+        state = "NOT indexed: reads by _id scan the table" if coll in slow else "indexed"
+        print(f"{coll}: {state}")
+    return 1 if slow else 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from sensor_gateway import migrate, storage
 
@@ -433,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="run the ingester (MQTT → MongoDB + Redis)")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser(
+        "ferretdb-index",
+        help="index FerretDB's SQLite tables for reads by _id, checked with EXPLAIN "
+        "(run by sensor-ingest.service as root; needs mongodb.ferretdb_sqlite_dir)",
+    )
+    s.set_defaults(func=cmd_ferretdb_index)
 
     s = sub.add_parser(
         "migrate",

@@ -8,13 +8,16 @@ an index search (measured: 0.5 ms instead of 400 ms on 200k documents;
 ``notes/ferretdb-reads.md``). FerretDB has no command for it, so it goes
 straight into FerretDB's SQLite file; EXPLAIN QUERY PLAN then proves that
 SQLite uses it. It is idempotent, and SQLite's locking makes it safe while
-FerretDB runs. The gateway's unit needs write access to that folder (the
-Ansible role grants it).
+FerretDB runs. The ingester does it when it may write that folder (tests,
+`make run`); under systemd, where FerretDB has a user of its own,
+sensor-ingest.service runs `sensor-gateway ferretdb-index` as root once the
+ingester is up (``ExecStartPost=+``), which keeps the files' owner.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +27,18 @@ log = logging.getLogger("sensor_gateway.ferretdb")
 # The expression FerretDB 1.24's SQLite backend filters `_id` lookups on
 # (internal/backends/sqlite/query.go).
 ID_EXPR = "_ferretdb_sjson->'$._id'"
+
+
+def _keep_owner(path: Path, owner: os.stat_result) -> None:
+    """Run as root, SQLite may have created a -wal or -shm file: give it back to
+    FerretDB's user, or FerretDB could no longer open its database."""
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+            os.chown(p, owner.st_uid, owner.st_gid)
 
 
 def _quote(name: str) -> str:
@@ -52,6 +67,12 @@ def ensure_id_indexes(sqlite_dir: str, database: str, collections: Iterable[str]
             )
         return wanted
     path = Path(sqlite_dir) / f"{database}.sqlite"
+    if not os.access(path, os.W_OK):
+        # An unprivileged daemon beside FerretDB's own user: the unit's
+        # `sensor-gateway ferretdb-index` (ExecStartPost=+) does it instead.
+        log.info("FerretDB: %s is not ours to write; ferretdb-index indexes it", path)
+        return wanted
+    owner = path.stat()
     slow: list[str] = []
     try:
         con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)
@@ -86,6 +107,7 @@ def ensure_id_indexes(sqlite_dir: str, database: str, collections: Iterable[str]
         return wanted
     finally:
         con.close()
+        _keep_owner(path, owner)
     if not slow:
         log.info("FerretDB: reads by _id are indexed (%s)", ", ".join(wanted))
     return slow

@@ -6,8 +6,8 @@ its key, so the writer recognises one written before (an interrupted run is
 simply run again); progress is kept in ``meta.migration`` so that a resumed run
 skips what is done. When every reading is moved, ``readings`` and
 ``rollups_minute`` are renamed ``readings_v1`` and ``rollups_minute_v1`` (or
-``…_v1_2`` if those exist; drop them once satisfied) and the database is marked layout 2. Run it with the
-ingester stopped: the writer must be the only one.
+``…_v1_2`` if those exist; drop them once satisfied) and the database is
+marked layout 2. Run it with the ingester stopped: the writer must be the only one.
 """
 
 from __future__ import annotations
