@@ -366,8 +366,11 @@ def _summaries(r: Reader, name: str, start: int, end: int, sensor_id: str | None
     return out
 
 
-def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> dict:
-    """{sensor_id: summary} of part of a minute, from its buckets."""
+def _raw_summaries(
+    r: Reader, start: int, end: int, sensor_id: str | None, statuses_only: bool = False
+) -> dict:
+    """{sensor_id: summary} of part of a minute, from its buckets (with
+    ``statuses_only``, of the sensors that sent statuses in that minute)."""
     minute = layout.floor(start, US_MINUTE)
     if sensor_id is not None:
         doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, minute)) or {}
@@ -375,7 +378,11 @@ def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> di
         sids = [(sensor_id, layout.segments(summary))] if summary else []
     else:
         by = (r.get(layout.MINUTES, layout.minute_doc_id(minute)) or {}).get("by") or {}
-        sids = [(sensor_of(k), layout.segments(v)) for k, v in by.items()]
+        sids = [
+            (sensor_of(k), layout.segments(v))
+            for k, v in by.items()
+            if v.get("st") or not statuses_only
+        ]
     out = {}
     for sid, n in sids:
         acc = layout.summary()
@@ -432,9 +439,25 @@ def status_counts(
         sensor_id,
     )
     counts = dict.fromkeys(STATUSES, 0)
-    for s in window_summaries(r, lo, hi, sensor_id).values():
-        for st, c in (s.get("st") or {}).items():
+
+    def add(st_counts: dict[str, Any] | None) -> None:
+        for st, c in (st_counts or {}).items():
             counts[st] = counts.get(st, 0) + int(c)
+
+    for name, start, end in pieces(lo, hi):
+        if name == "minute" and sensor_id is None:
+            # Every sensor's status counts of a minute, inside its hour's document:
+            # one document for up to 60 minutes.
+            doc = r.get(layout.HOURS, layout.all_hour_id(layout.floor(start, US_HOUR))) or {}
+            add((doc.get("ms") or {}).get(layout.minute_index(start)))
+            continue
+        part = (
+            _raw_summaries(r, start, end, sensor_id, statuses_only=True)
+            if name == "raw"
+            else _summaries(r, name, start, end, sensor_id)
+        )
+        for summary in part.values():
+            add(summary.get("st"))
     return counts
 
 
