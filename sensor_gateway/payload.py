@@ -131,9 +131,8 @@ def parse_time(text: Any, field: str = "timestamp") -> datetime | Reject:
         offset < timedelta(0) and datetime.max - local < -offset
     ):
         return Reject(f"{field} {show(text)} is outside years 1-9999 in UTC")
-    dt = (local - offset).replace(tzinfo=UTC)
-    # MongoDB dates have millisecond precision; truncate so reads equal writes.
-    return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+    # Microseconds are kept: readings store time as integer µs (layout.py).
+    return (local - offset).replace(tzinfo=UTC)
 
 
 def _sensor_id(obj: dict[str, Any], levels: list[str], kind: str, limits: Limits) -> str | Reject:

@@ -37,8 +37,10 @@ RECEIPT_LOOKBACK_US = 15 * layout.US_MINUTE
 # FerretDB 1.24 (SQLite) holds one pooled SQLite connection per update of an existing
 # document until the whole command ends: a command updating 100 existing documents
 # exhausts its pool of 100 and hangs the server for every client (a batch touching
-# 100 sensors does). So each command carries at most this many updates.
-MAX_UPDATES_PER_COMMAND = 50
+# 100 sensors does), and well before that they slow each other down (measured: 40
+# updates take 4.5 ms each, 10-20 cost what one does). So each command carries at
+# most this many updates.
+MAX_UPDATES_PER_COMMAND = 16
 
 
 def field_name(sensor_id: str) -> str:
@@ -48,6 +50,13 @@ def field_name(sensor_id: str) -> str:
 
 def sensor_of(name: str) -> str:
     return name.replace("~", ".")
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, BulkWriteError):
+        errs = exc.details.get("writeErrors") or [{}]
+        return f"{errs[0].get('errmsg', exc)} (code {errs[0].get('code')})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def new_key() -> str:
@@ -271,26 +280,36 @@ class Writer:
                 out.new.append(r)
         return out
 
+    def _applied(self, coll: str, op: UpdateOne) -> bool:
+        keys = op._doc["$push"]["k"]["$each"]
+        doc = self.db[coll].find_one(op._filter, {"k": 1})
+        return bool(doc) and isinstance(doc.get("k"), list) and keys[0] in doc["k"]
+
     def _bulk(self, coll: str, ops: list[UpdateOne], names: list[str]) -> dict[str, str]:
-        """Run ops unordered; returns {name: reason} for documents the server refused
-        (too large, say). Any other error is raised."""
-        from sensor_gateway.storage import DOCUMENT, classify, error_of
+        """Run ops unordered; returns {name: reason} for documents the server (or
+        BSON) refused. Any other error is raised."""
+        from sensor_gateway.storage import DOCUMENT, classify
 
         refused: dict[str, str] = {}
-        for at in range(0, len(ops), MAX_UPDATES_PER_COMMAND):
+        for i in range(0, len(ops), MAX_UPDATES_PER_COMMAND):
+            chunk = ops[i : i + MAX_UPDATES_PER_COMMAND]
             try:
-                self.db[coll].bulk_write(ops[at : at + MAX_UPDATES_PER_COMMAND], ordered=False)
-            except BulkWriteError as exc:
-                if exc.details.get("writeConcernErrors"):
+                self.db[coll].bulk_write(chunk, ordered=False)
+            except Exception as exc:
+                if classify(exc) != DOCUMENT:
                     raise
-                for e in exc.details.get("writeErrors", []):
-                    probe = error_of(e)
-                    if classify(probe) != DOCUMENT:
-                        raise probe from exc
-                    refused[names[at + e["index"]]] = (
-                        f"MongoDB refused the reading's bucket: {e.get('errmsg', '')} "
-                        f"(code {e.get('code')})"
-                    )
+                # Which document? FerretDB's bulk replies name the wrong one (and
+                # skip the rest), so each is tried alone, unless it went through:
+                # an append carries its readings' keys, found in the document.
+                for op, name in zip(chunk, names[i : i + MAX_UPDATES_PER_COMMAND], strict=True):
+                    if self._applied(coll, op):
+                        continue
+                    try:
+                        self.db[coll].bulk_write([op], ordered=False)
+                    except Exception as one:  # noqa: BLE001 - classified right here
+                        if classify(one) != DOCUMENT:
+                            raise
+                        refused[name] = f"MongoDB refused the reading's bucket: {_why(one)}"
         return refused
 
     def _write_summaries(
@@ -371,4 +390,11 @@ class Writer:
             for _id, u in ops.items()
         ]
         for at in range(0, len(updates), MAX_UPDATES_PER_COMMAND):
-            self.db[coll].bulk_write(updates[at : at + MAX_UPDATES_PER_COMMAND], ordered=False)
+            chunk = updates[at : at + MAX_UPDATES_PER_COMMAND]
+            try:
+                self.db[coll].bulk_write(chunk, ordered=False)
+            except KeyError:
+                # pymongo cannot read FerretDB's reply to a bulk with a write error
+                # (no nModified); one at a time, the error itself is raised.
+                for op in chunk:
+                    self.db[coll].bulk_write([op], ordered=False)

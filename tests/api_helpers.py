@@ -60,7 +60,13 @@ def publish_readings(gw: Gateway, readings: Iterable[dict[str, Any]], kind: str 
     finally:
         client.disconnect()
         client.loop_stop()
-    gw.wait_stored(len(ids), query={"msg_id": {"$in": ids}}, timeout=30)
+    want = set(ids)
+    wait_for(
+        lambda: want <= {r["msg_id"] for r in gw.readings()},
+        30,
+        0.2,
+        f"{len(want)} stored readings",
+    )
     return ids
 
 

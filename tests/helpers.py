@@ -129,8 +129,16 @@ class Gateway:
     def keys(self) -> cache.Keys:
         return cache.Keys(self.cfg.redis.key_prefix)
 
+    def readings(self, query: dict | None = None) -> list[dict]:
+        """Every stored reading (a full scan of the buckets) whose fields equal ``query``'s:
+        ``{"_id", "sensor_id", "kind", "value", "ts", "unit", "msg_id"}`` each."""
+        q = query or {}
+        return [
+            r for r in storage.scan_readings(self.db) if all(r.get(k) == v for k, v in q.items())
+        ]
+
     def stored(self, query: dict | None = None) -> int:
-        return self.db[storage.READINGS].count_documents(query or {})
+        return len(self.readings(query)) if query else storage.count_readings(self.db)
 
     def wait_stored(self, n: int, timeout: float = 60.0, query: dict | None = None) -> int:
         wait_for(lambda: self.stored(query) >= n, timeout, 0.2, f"{n} stored readings")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from sensor_gateway import storage
+from sensor_gateway import queries
 from sensor_gateway.api import create_app
 from sensor_gateway.localstack import Stack
 from tests.api_helpers import (
@@ -259,7 +259,7 @@ def test_status_counts_get_and_post(gw: Gateway, client: FlaskClient) -> None:
     problem_names(client.get(f"/stats/status-counts?start={end}&end={start}"), 400, "end")
 
 
-def test_averages_from_rollups(gw: Gateway, client: FlaskClient) -> None:
+def test_averages_from_summaries(gw: Gateway, client: FlaskClient) -> None:
     sleep_until_second()
     sid = uid("avg")
     now = now_utc()
@@ -274,11 +274,12 @@ def test_averages_from_rollups(gw: Gateway, client: FlaskClient) -> None:
         gw,
         [{"sensor_id": sid, "value": v, "timestamp": ts, "kind": "avgkind"} for ts, v in pts],
     )
-    # Rollups are flushed once a second, after the readings are stored.
+    # The summaries are set right after the buckets, in the same write.
+    two_hours = queries.parse_windows(["2h"])
     wait_for(
-        lambda: sum(d["count"] for d in gw.db[storage.ROLLUPS].find({"sensor_id": sid})) == 5,
+        lambda: queries.averages(gw.db, two_hours, sensor_id=sid)["overall"]["2h"]["count"] == 5,
         10,
-        what="the rollups",
+        what="the summaries",
     )
     r = client.get(f"/stats/averages?sensor_id={sid}")
     assert r.status_code == 200

@@ -113,7 +113,7 @@ def test_check_config_command(tmp_path: Path) -> None:
 
 
 def test_every_subcommand_has_help() -> None:
-    for sub in ("ingest", "simulate", "check-config", "api", "stats", "rebuild-rollups"):
+    for sub in ("ingest", "simulate", "check-config", "api", "stats", "migrate"):
         r = subprocess.run(
             [sys.executable, "-m", "sensor_gateway", sub, "--help"],
             capture_output=True,

@@ -225,7 +225,7 @@ def test_export_downloads_csv(live: tuple[Gateway, str], watched: Watched) -> No
     assert download.suggested_filename.startswith("readings-hum-1-")
     assert download.suggested_filename.endswith(".csv")
     rows = list(csv.DictReader(io.StringIO(Path(download.path()).read_text())))
-    stored = gw.db["readings"].count_documents({"sensor_id": "hum-1"})
+    stored = gw.stored({"sensor_id": "hum-1"})
     assert len(rows) == stored > 0
     assert {r["sensor_id"] for r in rows} == {"hum-1"} and {r["unit"] for r in rows} == {"%"}
     assert watched.offsite() == []

@@ -22,10 +22,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from bson import ObjectId
 
-from sensor_gateway import storage
+from sensor_gateway import layout, queries, storage
 from sensor_gateway.ingest import EXIT_PERMANENT, PACKET_OVERHEAD, Incoming, Ingester, Validated
 from sensor_gateway.localstack import Stack
 from sensor_gateway.mqtt import make_client
+from sensor_gateway.writer import Writer
 from tests.helpers import Gateway, wait_for
 
 HUGE = "1" + "0" * 400
@@ -75,9 +76,9 @@ def test_hostile_payloads_are_rejects_and_the_real_daemon_keeps_running(gateway:
     assert len(reasons) == len(HOSTILE)
     for (payload, expected), reason in zip(HOSTILE, reasons, strict=True):
         assert expected in reason, (payload[:60], reason)
-    assert {d["msg_id"] for d in gateway.db.readings.find()} == {
+    assert sorted(r["msg_id"] for r in gateway.readings()) == sorted(
         f"good-{i}" for i in range(len(HOSTILE))
-    }
+    )
     # Every one was acknowledged: a restart gets none of them again.
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
@@ -96,29 +97,85 @@ def _incoming(topic: str, payload: bytes) -> Incoming:
     return Incoming(1, 1, topic, payload, now, time.monotonic(), 1)
 
 
-def test_documents_the_server_or_bson_refuses_become_rejects(gateway: Gateway) -> None:
+TS = datetime(2026, 11, 24, 11, 0, 0, tzinfo=UTC)
+
+
+def _reading(key: str, sensor_id: str = "s", value: object = 1.0) -> dict:
+    """A reading as payload.parse makes it (``_id``: its dedupe key)."""
+    return {
+        "_id": key,
+        "sensor_id": sensor_id,
+        "kind": "k",
+        "value": value,
+        "ts": TS,
+        "topic": f"sensors/k/{sensor_id}",
+    }
+
+
+def _write_within(ing: Ingester, v: Validated, seconds: float = 15.0) -> list[dict]:
+    """Ingester.write, stopped after ``seconds`` (it retries what it holds until
+    stopped, and then raises the last error)."""
+    timer = threading.Timer(seconds, ing.stop_event.set)
+    timer.start()
+    try:
+        return ing.write(v)
+    finally:
+        timer.cancel()
+
+
+def test_a_bucket_the_server_refuses_becomes_rejects(gateway: Gateway) -> None:
     db = gateway.db
-    good = [
-        {"_id": f"g{i}", "sensor_id": "s", "kind": "k", "value": 1.0, "topic": "sensors/k/s"}
-        for i in range(3)
-    ]
-    refused_by_server = {"_id": [1, 2], "sensor_id": "s", "topic": "sensors/k/s"}
-    refused_by_bson = {"_id": "b1", "sensor_id": "s", "topic": "sensors/k/s", "x": 2**70}
-    out = storage.insert_readings(db, [good[0], refused_by_server, good[1]])
-    assert [d["_id"] for d in out.new] == ["g0", "g1"]
+    us = layout.to_us(TS)
+    # A bucket whose arrays are not arrays: every engine refuses to append to it.
+    db[layout.SAMPLES].insert_one(
+        {
+            "_id": layout.bucket_id("bad", us),
+            "s": "bad",
+            "b": layout.floor(us, layout.US_MINUTE),
+            **dict.fromkeys(("t", "v", "k", "ai", "mi"), ""),
+        }
+    )
+    bucket = layout.bucket_id("s", us)
+    good = [_reading(f"g{i}") for i in range(3)]
+    refused_by_server = _reading("r0", "bad")
+    out = Writer(db).write([good[0], refused_by_server, good[1]])
+    assert [d["_id"] for d in out.new] == [layout.reading_id(bucket, p) for p in (0, 1)]
     assert [d is refused_by_server for d, _ in out.refused] == [True]
-    out = storage.insert_readings(db, [refused_by_bson, good[2]])
-    assert [d["_id"] for d in out.new] == ["g2"]
-    assert "cannot be stored as BSON" in out.refused[0][1]
+    assert "MongoDB refused the reading's bucket" in out.refused[0][1]
+    out = Writer(db).write([_reading("r1", "bad"), good[2]])
+    assert [d["_id"] for d in out.new] == [layout.reading_id(bucket, 2)]
+    assert [d["_id"] for d, _ in out.refused] == ["r1"]
     assert gateway.stored() == 3
+    assert queries.count_all(db) == 3  # what was refused is not counted either
 
     # Through the ingester's write stage: the refused reading is kept as a reject.
     ing = Ingester(gateway.cfg)
-    v = Validated(readings=[{**refused_by_server, "_id": [3]}, {**good[0], "_id": "g9"}])
-    new = ing.write(v)
-    assert [d["_id"] for d in new] == ["g9"]
+    v = Validated(readings=[_reading("r2", "bad"), _reading("g9")])
+    new = _write_within(ing, v)
+    assert [d["_id"] for d in new] == [layout.reading_id(bucket, 3)]
     rejected = list(db[storage.REJECTED].find())
     assert len(rejected) == 1 and "MongoDB refused the reading" in rejected[0]["reason"]
+
+
+def test_a_reading_bson_cannot_encode_becomes_a_reject(gateway: Gateway) -> None:
+    db = gateway.db
+    bucket = layout.bucket_id("s", layout.to_us(TS))
+    # Refusals are per bucket (layout.py): the unencodable reading is another sensor's.
+    refused_by_bson = _reading("b1", "b", value=2**70)
+    out = Writer(db).write([refused_by_bson, _reading("g0")])
+    assert [d["_id"] for d in out.new] == [layout.reading_id(bucket, 0)]
+    assert [d is refused_by_bson for d, _ in out.refused] == [True]
+    # The reason names the cause (the old store said "cannot be stored as BSON: ...").
+    assert "can only handle up to 8-byte ints" in out.refused[0][1]
+    assert gateway.stored() == 1
+
+    # Through the ingester's write stage: kept as a reject, the batch's others stored.
+    ing = Ingester(gateway.cfg)
+    v = Validated(readings=[_reading("b2", "b", value=2**70), _reading("g9")])
+    new = _write_within(ing, v)
+    assert [d["_id"] for d in new] == [layout.reading_id(bucket, 1)]
+    rejected = list(db[storage.REJECTED].find())
+    assert len(rejected) == 1 and "8-byte ints" in rejected[0]["reason"]
 
 
 def test_a_retried_batch_of_rejects_is_stored_once(gateway: Gateway) -> None:
@@ -185,6 +242,7 @@ def test_permanent_error_while_running_stops_the_ingester(
     ing.db = storage.connect(
         _auth_gateway(auth_stack, tmp_path, "rotated-password").cfg, appname="t"
     )
+    ing.writer.db = ing.db  # the writer appends through the same connection
     gw.publish(5)
     thread = gw.ingesters[0][1]
     thread.join(30)
@@ -221,7 +279,7 @@ def test_sigterm_with_100k_queued_stops_in_time_and_loses_nothing(gateway: Gatew
     # The rest is still the broker's: a new run stores it, each reading once.
     gateway.spawn_ingester()
     gateway.wait_stored(n, timeout=240)
-    ids = [d["msg_id"] for d in gateway.db.readings.find({}, {"msg_id": 1, "_id": 0})]
+    ids = [r["msg_id"] for r in gateway.readings()]
     assert len(ids) == n
     assert set(ids) == {f"{sim.run_id}-{i}" for i in range(1, n + 1)}
 
@@ -250,7 +308,7 @@ def test_messages_of_an_earlier_connection_do_not_pile_up(private_gateway: Gatew
     print(f"dropped_stale={ing.counters.dropped_stale} highest queue={highest}")
     gw.stack.mongo.start()
     gw.wait_stored(3000, timeout=120)
-    ids = [d["msg_id"] for d in gw.db.readings.find({}, {"msg_id": 1, "_id": 0})]
+    ids = [r["msg_id"] for r in gw.readings()]
     assert sorted(ids) == sorted(f"{sim.run_id}-{i}" for i in range(1, 3001))
 
 
@@ -279,9 +337,7 @@ def test_redelivery_once_reused_ids_every_time(gateway: Gateway) -> None:
     )
     gateway.wait_stored(5, timeout=20)
     time.sleep(1)
-    rows = sorted(
-        (d["sensor_id"], d["msg_id"], d["ts"].isoformat()) for d in gateway.db.readings.find()
-    )
+    rows = sorted((r["sensor_id"], r["msg_id"], r["ts"].isoformat()) for r in gateway.readings())
     assert len(rows) == 5, rows
     assert [r[0] for r in rows] == ["a", "a", "b", "c", "c"]
 
@@ -331,7 +387,7 @@ def test_a_device_cannot_publish_as_another(device_stack: Stack, tmp_path: Path)
         gw.wait_stored(1, timeout=20)
         wait_for(lambda: gw.db[storage.REJECTED].count_documents({}) == 1, 20, what="reject")
         time.sleep(1)
-        assert [(d["sensor_id"], d["value"]) for d in gw.db.readings.find()] == [("dev-a", 1.0)]
+        assert [(r["sensor_id"], r["value"]) for r in gw.readings()] == [("dev-a", 1.0)]
         reject = gw.db[storage.REJECTED].find_one()
         assert "claims sensor_id 'dev-b' on the topic of 'dev-a'" in reject["reason"]
         dev_a.disconnect()
@@ -373,7 +429,7 @@ def test_messages_held_when_the_broker_is_killed_are_not_lost(private_gateway: G
     gw.stack.mongo.start()
 
     def stored_ids() -> set[str]:
-        return {d["msg_id"] for d in gw.db.readings.find({}, {"msg_id": 1})}
+        return {r["msg_id"] for r in gw.readings()}
 
     wait_for(lambda: held <= stored_ids(), 60, what="the held messages stored")
     time.sleep(1)
@@ -410,7 +466,7 @@ def test_memory_stays_bounded_draining_a_backlog_of_large_payloads(gateway: Gate
     p = psutil.Process(proc.pid)
     base = p.memory_info().rss
     peak = base
-    while gateway.db.readings.estimated_document_count() < n and proc.poll() is None:
+    while gateway.stored() < n and proc.poll() is None:
         peak = max(peak, p.memory_info().rss)
         time.sleep(0.05)
     gateway.wait_stored(n, timeout=120)

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
-from sensor_gateway import cache, storage
+import math
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from sensor_gateway import cache, layout, queries, storage
+from sensor_gateway.writer import Writer
 from tests.helpers import Gateway, wait_for
 
 
-def rollup_total(gw: Gateway) -> int:
-    return sum(d["count"] for d in gw.db[storage.ROLLUPS].find({}, {"count": 1}))
+def status_counts_of(readings: list[dict]) -> dict[str, int]:
+    """Each status 0–6 among stored readings of kind ``status``, zeros included."""
+    counts = dict.fromkeys(layout.STATUSES, 0)
+    for r in readings:
+        st = layout.status_of(r["kind"], r["value"])
+        if st is not None:
+            counts[st] += 1
+    return counts
 
 
 def test_n_published_n_stored_once(gateway: Gateway) -> None:
     ing = gateway.start_ingester()
     sim = gateway.publish(3000, rate=3000)
     gateway.wait_stored(3000)
-    ids = {d["msg_id"] for d in gateway.db.readings.find({}, {"msg_id": 1})}
-    assert ids == {f"{sim.run_id}-{i}" for i in range(1, 3001)}
-    # Rollups count each reading once.
-    wait_for(lambda: rollup_total(gateway) == 3000, 10, what="rollups")
     wait_for(lambda: ing.counters.stored == 3000, 10, what="counters")
+    readings = gateway.readings()
+    ids = [r["msg_id"] for r in readings]
+    # Several readings can share a bucket: a duplicate shows as a repeated msg_id.
+    assert len(ids) == len(set(ids)) == 3000, Counter(ids).most_common(3)
+    assert set(ids) == {f"{sim.run_id}-{i}" for i in range(1, 3001)}
+    # The summaries count each reading once.
+    assert queries.count_all(gateway.db) == 3000
+    assert queries.status_counts(gateway.db, None, None) == status_counts_of(readings)
     assert ing.counters.rejected == 0
 
 
@@ -27,8 +44,11 @@ def test_latest_ten_in_redis_match_mongodb(gateway: Gateway) -> None:
     gateway.publish(400, rate=2000)
     gateway.wait_stored(400)
     ing_cfg = gateway.cfg.ingest
-    for sensor_id in storage.sensor_ids(gateway.db):
-        expected = [d["_id"] for d in storage.latest_for_sensor(gateway.db, sensor_id, 10)]
+    sensors = queries.sensor_ids(gateway.db)
+    assert sensors == sorted({r["sensor_id"] for r in gateway.readings()})
+    for sensor_id in sensors:
+        expected = [d["_id"] for d in queries.latest_docs(gateway.db, 10, sensor_id=sensor_id)]
+        assert len(expected) == 10
         wait_for(
             lambda s=sensor_id, e=expected: (
                 [
@@ -40,38 +60,111 @@ def test_latest_ten_in_redis_match_mongodb(gateway: Gateway) -> None:
             10,
             what=f"redis latest of {sensor_id}",
         )
-    overall = [d["_id"] for d in storage.latest_overall(gateway.db, 10)]
+    overall = [d["_id"] for d in queries.latest_docs(gateway.db, 10)]
+    assert len(overall) == 10
     got = [r["id"] for r in cache.read_latest(gateway.redis, gateway.keys, None, 10)]
     assert got == overall
 
 
-def test_rebuild_rollups_recomputes_from_readings(gateway: Gateway) -> None:
+# -- summaries heal themselves ---------------------------------------------------------
+
+
+def _damage(s: dict[str, Any]) -> None:
+    """A summary that counts what is not there (or misses what is)."""
+    s["n"] += 1
+    s["sum"] += 1.0
+    s["max"] += 1.0
+    for st in s.get("st") or {}:
+        s["st"][st] += 1
+
+
+def _summaries(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*(doc.get("m") or {}).values(), *(doc.get("by") or {}).values()]
+
+
+def _assert_same_summaries(after: dict[str, dict], before: dict[str, dict]) -> None:
+    assert after.keys() == before.keys()
+    for _id, doc in after.items():
+        old = before[_id]
+        assert doc.get("ms") == old.get("ms"), _id
+        for path in ("m", "by"):
+            assert (doc.get(path) or {}).keys() == (old.get(path) or {}).keys(), (_id, path)
+            for name, s in (doc.get(path) or {}).items():
+                o = old[path][name]
+                assert {k: v for k, v in s.items() if k != "sum"} == {
+                    k: v for k, v in o.items() if k != "sum"
+                }, (_id, path, name)
+                assert s["sum"] == pytest.approx(o["sum"], rel=1e-12), (_id, path, name)
+
+
+def test_summaries_heal_when_readings_are_written_again(gateway: Gateway) -> None:
+    """A crash between a bucket's append and its summaries' update leaves them
+    wrong; the broker redelivers the batch, and writing it again (none of its
+    readings new) sets every summary above those buckets to its recomputed value."""
     gateway.start_ingester()
     gateway.publish(500, rate=2000)
     gateway.wait_stored(500)
     gateway.stop_ingesters()
-    before = {d["_id"]: d for d in gateway.db[storage.ROLLUPS].find()}
-    # A crash that lost rollup increments, simulated by damaging them.
-    gateway.db[storage.ROLLUPS].update_many({}, {"$inc": {"count": -1}})
-    proc = gateway.spawn("rebuild-rollups", "--since", "2000-01-01T00:00:00Z")
-    assert proc.wait(60) == 0
-    after = {d["_id"]: d for d in gateway.db[storage.ROLLUPS].find()}
-    assert after.keys() == before.keys()
-    for k, d in after.items():
-        assert (d["count"], d["min"], d["max"]) == (
-            before[k]["count"],
-            before[k]["min"],
-            before[k]["max"],
-        )
-        assert abs(d["sum"] - before[k]["sum"]) < 1e-6
+    db = gateway.db
+    assert queries.count_all(db) == 500
+    statuses = queries.status_counts(db, None, None)
+    assert statuses == status_counts_of(gateway.readings()) and sum(statuses.values()) > 0
+    before = {c: {d["_id"]: d for d in db[c].find()} for c in (layout.HOURS, layout.MINUTES)}
+
+    # Damage every summary: minutes of each sensor-hour, every sensor's minute,
+    # hour and day, and the status counts of each minute.
+    for coll in (layout.HOURS, layout.MINUTES):
+        for doc in db[coll].find():
+            for s in _summaries(doc):
+                _damage(s)
+            for counts in (doc.get("ms") or {}).values():
+                for st in counts:
+                    counts[st] += 1
+            db[coll].replace_one({"_id": doc["_id"]}, doc)
+    assert queries.count_all(db) != 500
+    assert queries.status_counts(db, None, None) != statuses
+
+    # The same readings, with the same keys, as a redelivery brings them again.
+    redelivered = []
+    for bucket in db[layout.SAMPLES].find():
+        for smp, key in zip(layout.samples_of(bucket), bucket["k"], strict=True):
+            redelivered.append(
+                {
+                    "_id": key,
+                    "sensor_id": smp.sensor_id,
+                    "kind": smp.kind,
+                    "value": smp.value,
+                    "ts": smp.ts,
+                    "unit": smp.unit,
+                    "msg_id": smp.msg_id,
+                    "topic": f"sensors/{smp.kind}/{smp.sensor_id}",
+                }
+            )
+    assert len(redelivered) == 500
+    out = Writer(db).write(redelivered)
+    assert out.new == [] and out.refused == [] and out.duplicates == 500
+    assert gateway.stored() == 500
+
+    after = {c: {d["_id"]: d for d in db[c].find()} for c in (layout.HOURS, layout.MINUTES)}
+    for coll in (layout.HOURS, layout.MINUTES):
+        _assert_same_summaries(after[coll], before[coll])
+    assert queries.count_all(db) == 500
+    assert queries.status_counts(db, None, None) == statuses
+    for doc in after[layout.HOURS].values():
+        for s in _summaries(doc):
+            assert math.isfinite(s["sum"])
 
 
 def test_indexes_fit_the_engine(gateway: Gateway) -> None:
     gateway.start_ingester()
     gateway.publish(10)
     gateway.wait_stored(10)
-    names = set(gateway.db[storage.READINGS].index_information())
+    # Every read is by a computed `_id` (layout.py): no secondary index on the
+    # buckets, on either engine (on FerretDB's SQLite backend one would also cost
+    # inserts and never be used).
+    assert set(gateway.db[layout.SAMPLES].index_information()) == {"_id_"}
+    for coll in layout.BY_ID:
+        assert set(gateway.db[coll].index_information()) <= {"_id_"}, coll
     if storage.is_ferretdb(gateway.db):
-        assert names == {"_id_"}  # unused by its SQLite backend, and costly on insert
-    else:
-        assert {"sensor_ts", "kind_ts", "ts", "value"} <= names
+        # prepare() creates each collection read by `_id` (for its SQL index).
+        assert set(layout.BY_ID) <= set(gateway.db.list_collection_names())

@@ -16,7 +16,7 @@ from typing import Any
 import bson
 from bson.codec_options import CodecOptions
 
-from sensor_gateway import cache, model, storage
+from sensor_gateway import cache, layout, model
 from sensor_gateway.payload import SENSOR_ID_RE, Reject
 
 # DESIGN.md, "The reading contract": 1-64 characters [A-Za-z0-9_.:-], the whole
@@ -25,8 +25,32 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 NOW = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=UTC)
 MAX_REASON = 1000
 _TZ_AWARE = CodecOptions(tz_aware=True)
-# MongoDB assigns an ObjectId to a reading stored without ``_id``.
-_STAND_IN_ID = bson.ObjectId(b"fuzzfuzzfuzz")
+# The public id the writer gives a reading: its bucket and arrival position
+# (a stand-in: the bucket is of the reading's sensor and minute, position 0).
+_POS = 0
+
+
+def _stored(doc: dict[str, Any]) -> dict[str, Any]:
+    """The reading as the writer hands it to Redis: ``_id`` is its public id."""
+    bid = layout.bucket_id(doc["sensor_id"], layout.to_us(doc["ts"]))
+    return {**doc, "_id": layout.reading_id(bid, _POS)}
+
+
+def _bucket(doc: dict[str, Any]) -> dict[str, Any]:
+    """The ``samples`` document the writer makes of this one reading (writer.py)."""
+    us = layout.to_us(doc["ts"])
+    base = layout.floor(us, layout.US_MINUTE)
+    return {
+        "_id": layout.bucket_id(doc["sensor_id"], us),
+        "s": doc["sensor_id"],
+        "b": base,
+        "t": [us - base],
+        "v": [doc["value"]],
+        "k": [doc.get("_id") or "~key"],
+        "ai": [0],
+        "mi": [doc.get("msg_id")],
+        "a": [{"k": doc["kind"], "u": doc.get("unit") or None}],
+    }
 
 
 def check_reading(
@@ -45,7 +69,8 @@ def check_reading(
     ts = doc["ts"]
     assert isinstance(ts, datetime) and ts.utcoffset() == timedelta(0), repr(ts)
     assert 1 <= ts.year <= 9999
-    assert ts.microsecond % 1000 == 0, "ts must have millisecond precision (reads equal writes)"
+    # Stored as integer microseconds (layout.py): exact both ways, so reads equal writes.
+    assert layout.from_us(layout.to_us(ts)) == ts, "ts does not survive the layout's time"
     assert ts - now <= timedelta(seconds=skew_s), "a timestamp beyond the skew was kept"
     assert doc["topic"] == topic
     if "_id" in doc:
@@ -54,18 +79,22 @@ def check_reading(
         if key in doc:
             assert isinstance(doc[key], str) and doc[key].isprintable(), repr(doc[key])
 
-    # Storable: BSON, and what is read back is what was written.
-    back = bson.decode(bson.encode(doc), codec_options=_TZ_AWARE)
-    assert back["ts"] == ts, (back["ts"], ts)
-    assert back["value"] == value and back["sensor_id"] == sensor_id
+    # Storable: its bucket is BSON, and what is read back is what was written.
+    bucket = bson.decode(bson.encode(_bucket(doc)), codec_options=_TZ_AWARE)
+    [back] = layout.samples_of(bucket)
+    assert back.ts == ts, (back.ts, ts)
+    assert back.value == value and back.sensor_id == sensor_id and back.kind == kind
+    assert back.unit == (doc.get("unit") or None) and back.msg_id == doc.get("msg_id")
     # Showable: the API's JSON (strict: no NaN/Infinity) and the Redis member.
-    stored = doc if "_id" in doc else {**doc, "_id": _STAND_IN_ID}
+    stored = _stored(doc)
     shown = model.public(stored)
+    assert shown == back.public(), (shown, back.public())
     json.dumps(shown, allow_nan=False).encode("utf-8")
     member, score = cache._member(stored)
     member.encode("utf-8")
     assert math.isfinite(score)
-    storage.fold_rollups({}, [stored])
+    # Summarisable: it folds into a minute's summary.
+    layout.add_sample(layout.summary(), doc["kind"], doc["value"])
 
 
 def check_reject(rej: Reject) -> None:
@@ -94,10 +123,15 @@ def check_reject_doc(doc: dict[str, Any]) -> None:
 
 
 def check_batch_readings(readings: list[dict[str, Any]]) -> None:
-    """A batch's readings fold into rollups and go to Redis together."""
-    stored = [d if "_id" in d else {**d, "_id": _STAND_IN_ID} for d in readings]
-    acc = storage.fold_rollups({}, stored)
-    assert sum(a["count"] for a in acc.values()) == len(readings)
+    """A batch's readings fold into summaries and go to Redis together."""
+    stored = [_stored(d) for d in readings]
+    # Per sensor and minute (the writer's buckets), then summed up as hours and days are.
+    acc: dict[str, dict[str, Any]] = {}
+    for d in stored:
+        bid = layout.bucket_id(d["sensor_id"], layout.to_us(d["ts"]))
+        layout.add_sample(acc.setdefault(bid, layout.summary()), d["kind"], d["value"])
+    assert sum(a["n"] for a in acc.values()) == len(readings)
+    assert layout.total(acc.values())["n"] == len(readings)
     for a in acc.values():
         # A sum of finite values may overflow to inf (the API shows avg null); min/max may not.
         assert math.isfinite(a["min"]) and math.isfinite(a["max"]), a

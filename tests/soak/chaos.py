@@ -988,7 +988,7 @@ class Soak:
                 pause(0.5)
                 continue
             counts = (
-                self.reader[storage.READINGS].estimated_document_count(),
+                storage.count_readings(self.reader),
                 self.reader[storage.REJECTED].estimated_document_count(),
             )
             if counts != last_counts or not self.ingester.alive():
@@ -1042,10 +1042,7 @@ class Soak:
         foreign = 0
         mismatched = 0
         probes: set[float] = set()
-        cursor = self.reader[storage.READINGS].find(
-            {}, {"sensor_id": 1, "value": 1, "_id": 0}, batch_size=10000
-        )
-        for d in cursor:
+        for d in storage.scan_readings(self.reader):
             sid, v = d.get("sensor_id"), d.get("value")
             if sid == PROBE_SENSOR:
                 probes.add(v)

@@ -15,10 +15,10 @@ from sensor_gateway import config, storage
 def main(cmd: str) -> None:
     db = storage.connect(config.load(), appname="systemd-test-probe")
     if cmd == "ids":
-        for d in db[storage.READINGS].find({}, {"msg_id": 1}):
-            print(d.get("msg_id"))
+        for r in storage.scan_readings(db):
+            print(r.get("msg_id"))
     elif cmd == "count":
-        print(db[storage.READINGS].count_documents({}), db[storage.REJECTED].count_documents({}))
+        print(storage.count_readings(db), db[storage.REJECTED].count_documents({}))
     elif cmd == "drop":
         db.client.drop_database(db.name)
     else:
