@@ -53,9 +53,14 @@ def uses_index(con: sqlite3.Connection, table: str) -> bool:
     return any("USING INDEX" in str(row[-1]) for row in plan)
 
 
-def ensure_id_indexes(sqlite_dir: str, database: str, collections: Iterable[str]) -> list[str]:
+def ensure_id_indexes(
+    sqlite_dir: str, database: str, collections: Iterable[str], others_may: bool = False
+) -> list[str]:
     """Index `_id` lookups of ``collections``; returns the collections whose reads
-    by `_id` stay full scans (each also logged as a warning saying why)."""
+    by `_id` stay full scans (each also logged as a warning saying why).
+
+    ``others_may``: a file this process may not write is left, with a note, to
+    ``sensor-gateway ferretdb-index`` (which the unit runs as root)."""
     wanted = list(collections)
     if not sqlite_dir:
         for coll in wanted:
@@ -67,16 +72,16 @@ def ensure_id_indexes(sqlite_dir: str, database: str, collections: Iterable[str]
             )
         return wanted
     path = Path(sqlite_dir) / f"{database}.sqlite"
-    if not os.access(path, os.W_OK):
+    if others_may and not os.access(path, os.W_OK):
         # An unprivileged daemon beside FerretDB's own user: the unit's
         # `sensor-gateway ferretdb-index` (ExecStartPost=+) does it instead.
         log.info("FerretDB: %s is not ours to write; ferretdb-index indexes it", path)
         return wanted
-    owner = path.stat()
     slow: list[str] = []
     try:
+        owner = path.stat()
         con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)
-    except sqlite3.Error as exc:
+    except (OSError, sqlite3.Error) as exc:
         for coll in wanted:
             log.warning("FerretDB: cannot index _id of collection %r in %s: %s", coll, path, exc)
         return wanted

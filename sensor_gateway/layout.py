@@ -23,8 +23,10 @@ Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*
 - ``sensors``  ``<sid>``               kinds seen, first and last hour with readings.
 - ``meta``     ``layout``, ``retention``, ``migration``.
 
-A summary is ``{"n", "sum", "min", "max", "kind", "st"}``; ``st`` counts each
-status 0–6 among readings of kind ``status``. Summaries are always *set* to a
+A summary is ``{"n", "sum", "min", "max", "kind", "st", "g"}``; ``st`` counts
+each status 0–6 among readings of kind ``status``, ``g`` is how many documents
+hold the minute. Stored packed into one string (:func:`pack`): FerretDB's cost
+of reading a document grows with the values in it. Summaries are always *set* to a
 value recomputed from what they summarise, never incremented, so writing one
 twice (a batch retried, a reading redelivered after a crash) changes nothing:
 aggregates count every reading once. ``samples`` and ``minutes`` are the raw
@@ -179,6 +181,50 @@ def add_summary(acc: dict[str, Any], s: dict[str, Any] | None) -> None:
     for st, c in (s.get("st") or {}).items():
         counts = acc.setdefault("st", {})
         counts[st] = counts.get(st, 0) + int(c)
+
+
+def pack(s: dict[str, Any]) -> str:
+    """A summary as one short string: FerretDB turns every stored value into BSON
+    on each read, so one string costs far less to read than an object of seven."""
+    st = s.get("st")
+    counts = ",".join(str(st.get(k, 0)) for k in STATUSES) if st else ""
+    return (
+        f"{s['n']}|{s['sum']!r}|{s['min']!r}|{s['max']!r}|{s.get('g', 1)}|"
+        f"{s.get('kind') or ''}|{counts}"
+    )
+
+
+def unpack(text: str) -> dict[str, Any]:
+    n, total_, lo, hi, g, kind, counts = text.split("|")
+    out: dict[str, Any] = {
+        "n": int(n),
+        "sum": float(total_),
+        "min": float(lo) if lo != "None" else None,
+        "max": float(hi) if hi != "None" else None,
+        "g": int(g),
+        "kind": kind or None,
+    }
+    if counts:
+        out["st"] = unpack_counts(counts)
+    return out
+
+
+def pack_counts(counts: dict[str, int]) -> str:
+    return ",".join(str(counts.get(k, 0)) for k in STATUSES)
+
+
+def unpack_counts(text: str) -> dict[str, int]:
+    return {k: int(c) for k, c in zip(STATUSES, text.split(","), strict=True) if int(c)}
+
+
+def summaries(doc: dict[str, Any] | None, path: str) -> dict[str, Any]:
+    """The summaries under ``path`` of a summary document, by name (a minute,
+    or a sensor as a field name): ``m`` and ``by`` hold packed summaries,
+    ``ms`` packed status counts."""
+    packed = (doc or {}).get(path) or {}
+    if path == "ms":
+        return {k: unpack_counts(v) for k, v in packed.items()}
+    return {k: unpack(v) for k, v in packed.items()}
 
 
 def total(summaries: Any) -> dict[str, Any]:

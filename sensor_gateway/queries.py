@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +48,11 @@ class TooCostly(Exception):
         self.limit = limit
 
 
+# Lookups of one request run on a few threads at once (pymongo's client is
+# thread-safe and pools connections); FerretDB serves them on every core.
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
+
+
 class Reader:
     """Fetches documents by `_id`, counting them against ``max_documents``."""
 
@@ -66,18 +72,37 @@ class Reader:
         self.read = 0
         self._memo: dict[tuple[str, str], dict[str, Any] | None] = {}
 
+    def _count(self, n: int = 1) -> None:
+        self.read += n
+        if self.max_documents is not None and self.read > self.max_documents:
+            raise TooCostly(self.max_documents)
+
+    def _find(self, coll: str, _id: str) -> dict[str, Any] | None:
+        kw = {"max_time_ms": self.time_limit_ms} if self.time_limit_ms else {}
+        return self.db[coll].find_one({"_id": _id}, **kw)
+
     def get(self, coll: str, _id: str) -> dict[str, Any] | None:
         key = (coll, _id)
         if key in self._memo:
             return self._memo[key]
-        self.read += 1
-        if self.max_documents is not None and self.read > self.max_documents:
-            raise TooCostly(self.max_documents)
-        kw = {"max_time_ms": self.time_limit_ms} if self.time_limit_ms else {}
-        doc = self.db[coll].find_one({"_id": _id}, **kw)
+        self._count()
+        doc = self._find(coll, _id)
         if self.memo:
             self._memo[key] = doc
         return doc
+
+    def prefetch(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Fetch these (collection, `_id`) at once, in parallel: each lookup is a
+        round trip whose time is mostly the server's, and a request often knows
+        the next dozens it needs. What it fetched is then read by :meth:`get`."""
+        if not self.memo:
+            return
+        todo = list(dict.fromkeys(k for k in wanted if k not in self._memo))
+        if len(todo) < 2:
+            return
+        self._count(len(todo))
+        for key, doc in zip(todo, _POOL.map(lambda k: self._find(*k), todo), strict=True):
+            self._memo[key] = doc
 
     def sensors(self) -> dict[str, dict[str, Any]]:
         """The sensor registry: one small document per sensor."""
@@ -197,6 +222,11 @@ def _bounds(q: ReadingQuery, sensors: dict[str, dict[str, Any]]) -> tuple[int, i
     return max(lo, first), min(hi, last)
 
 
+# Minutes of buckets fetched at once while walking a range (a 1,000-reading page
+# of a 1 Hz sensor spans 17).
+PREFETCH_MINUTES = 8
+
+
 def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
     """Every reading ``q`` matches, in its order, after its cursor, fetching
     only the hours and minutes that hold readings of the sensors asked for."""
@@ -215,22 +245,33 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
     if lo >= hi:
         return
     hours = range(layout.floor(lo, US_HOUR), hi, US_HOUR)
+    # Minutes fetched at once: as many as a page of a 1 Hz sensor spans, at most 8.
+    ahead = max(1, min(PREFETCH_MINUTES, q.limit // 60 + 1))
     for hour in reversed(hours) if desc else hours:
         present = [
             sid for sid, d in sensors.items() if d.get("first", 0) <= hour <= d.get("last", -1)
         ]
         if len(present) > 1:
             # One document says which sensors have readings in this hour.
-            by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}
+            by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}  # names
             present = [sid for sid in present if field_name(sid) in by]
         by_minute: dict[int, list[tuple[str, int]]] = {}
+        r.prefetch((layout.HOURS, layout.sensor_hour_id(sid, hour)) for sid in present)
         for sid in present:
             doc = r.get(layout.HOURS, layout.sensor_hour_id(sid, hour)) or {}
-            for mi, summary in (doc.get("m") or {}).items():
+            for mi, summary in layout.summaries(doc, "m").items():
                 minute = hour + int(mi) * US_MINUTE
                 if minute + US_MINUTE > lo and minute < hi and q.may_hold(summary):
                     by_minute.setdefault(minute, []).append((sid, layout.segments(summary)))
-        for minute in sorted(by_minute, reverse=desc):
+        minutes = sorted(by_minute, reverse=desc)
+        for i, minute in enumerate(minutes):
+            if i % ahead == 0:
+                r.prefetch(
+                    (layout.SAMPLES, layout.bucket_id(sid, m, seg))
+                    for m in minutes[i : i + ahead]
+                    for sid, n in by_minute[m]
+                    for seg in range(n)
+                )
             found: list[Sample] = []
             for sid, n in by_minute[minute]:
                 found.extend(s for s in minute_samples(r, sid, minute, n) if lo <= s.us < hi)
@@ -349,17 +390,17 @@ def _summaries(r: Reader, name: str, start: int, end: int, sensor_id: str | None
     if name == "minute":
         if sensor_id is not None:
             doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, start)) or {}
-            s = (doc.get("m") or {}).get(layout.minute_index(start))
+            s = layout.summaries(doc, "m").get(layout.minute_index(start))
             return {sensor_id: s} if s else {}
-        by = (r.get(layout.MINUTES, layout.minute_doc_id(start)) or {}).get("by") or {}
+        by = layout.summaries(r.get(layout.MINUTES, layout.minute_doc_id(start)), "by")
     elif name == "hour":
         if sensor_id is not None:
             doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, start)) or {}
-            s = layout.total((doc.get("m") or {}).values())
+            s = layout.total(layout.summaries(doc, "m").values())
             return {sensor_id: s} if s["n"] else {}
-        by = (r.get(layout.HOURS, layout.all_hour_id(start)) or {}).get("by") or {}
+        by = layout.summaries(r.get(layout.HOURS, layout.all_hour_id(start)), "by")
     else:
-        by = (r.get(layout.HOURS, layout.all_day_id(start)) or {}).get("by") or {}
+        by = layout.summaries(r.get(layout.HOURS, layout.all_day_id(start)), "by")
     out = {sensor_of(k): v for k, v in by.items()}
     if sensor_id is not None:
         return {sensor_id: out[sensor_id]} if sensor_id in out else {}
@@ -374,16 +415,19 @@ def _raw_summaries(
     minute = layout.floor(start, US_MINUTE)
     if sensor_id is not None:
         doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, minute)) or {}
-        summary = (doc.get("m") or {}).get(layout.minute_index(minute))
+        summary = layout.summaries(doc, "m").get(layout.minute_index(minute))
         sids = [(sensor_id, layout.segments(summary))] if summary else []
     else:
-        by = (r.get(layout.MINUTES, layout.minute_doc_id(minute)) or {}).get("by") or {}
+        by = layout.summaries(r.get(layout.MINUTES, layout.minute_doc_id(minute)), "by")
         sids = [
             (sensor_of(k), layout.segments(v))
             for k, v in by.items()
             if v.get("st") or not statuses_only
         ]
     out = {}
+    r.prefetch(
+        (layout.SAMPLES, layout.bucket_id(sid, minute, seg)) for sid, n in sids for seg in range(n)
+    )
     for sid, n in sids:
         acc = layout.summary()
         for s in minute_samples(r, sid, minute, n):
@@ -394,11 +438,25 @@ def _raw_summaries(
     return out
 
 
+def _piece_docs(lo: int, hi: int, sensor_id: str | None) -> Iterator[tuple[str, str]]:
+    """The summary documents :func:`window_summaries` reads for [lo, hi)."""
+    for name, start, _ in pieces(lo, hi):
+        if name == "day":
+            yield layout.HOURS, layout.all_day_id(start)
+        elif sensor_id is not None:
+            yield layout.HOURS, layout.sensor_hour_id(sensor_id, start)
+        elif name == "hour":
+            yield layout.HOURS, layout.all_hour_id(start)
+        else:
+            yield layout.MINUTES, layout.minute_doc_id(start)
+
+
 def window_summaries(
     r: Reader, lo: int, hi: int, sensor_id: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """{sensor_id: summary} of [lo, hi), from the coarsest summaries that fit."""
     acc: dict[str, dict[str, Any]] = {}
+    r.prefetch(_piece_docs(lo, hi, sensor_id))
     for name, start, end in pieces(lo, hi):
         part = (
             _raw_summaries(r, start, end, sensor_id)
@@ -444,12 +502,23 @@ def status_counts(
         for st, c in (st_counts or {}).items():
             counts[st] = counts.get(st, 0) + int(c)
 
+    if sensor_id is None:
+        r.prefetch(
+            (layout.MINUTES, layout.minute_doc_id(start))
+            if name == "raw"
+            else (layout.HOURS, layout.all_day_id(start))
+            if name == "day"
+            else (layout.HOURS, layout.all_hour_id(layout.floor(start, US_HOUR)))
+            for name, start, _ in pieces(lo, hi)
+        )
+    else:
+        r.prefetch(_piece_docs(lo, hi, sensor_id))
     for name, start, end in pieces(lo, hi):
         if name == "minute" and sensor_id is None:
             # Every sensor's status counts of a minute, inside its hour's document:
             # one document for up to 60 minutes.
             doc = r.get(layout.HOURS, layout.all_hour_id(layout.floor(start, US_HOUR))) or {}
-            add((doc.get("ms") or {}).get(layout.minute_index(start)))
+            add(layout.summaries(doc, "ms").get(layout.minute_index(start)))
             continue
         part = (
             _raw_summaries(r, start, end, sensor_id, statuses_only=True)
@@ -553,7 +622,7 @@ def minute_series(
     lo, hi = layout.to_us(start), layout.to_us(end)
     for hour in range(layout.floor(lo, US_HOUR), hi, US_HOUR):
         doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, hour)) or {}
-        for mi, s in sorted((doc.get("m") or {}).items()):
+        for mi, s in sorted(layout.summaries(doc, "m").items()):
             minute = hour + int(mi) * US_MINUTE
             if lo <= minute + US_MINUTE and minute < hi:
                 yield layout.from_us(minute), s

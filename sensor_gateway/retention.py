@@ -49,7 +49,7 @@ def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None)
             if not s.get("first", end) <= hour <= s.get("last", -1):
                 continue
             doc = db[layout.HOURS].find_one({"_id": layout.sensor_hour_id(s["_id"], hour)})
-            present = (doc or {}).get("m") or {}
+            present = layout.summaries(doc, "m")
             minutes.update(present)
             ids = [
                 layout.bucket_id(s["_id"], hour + int(mi) * layout.US_MINUTE, i)

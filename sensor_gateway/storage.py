@@ -142,7 +142,9 @@ def prepare(db: Database, cfg: Config) -> None:
         for coll in layout.BY_ID:
             if coll not in have:
                 db.create_collection(coll)
-        ferretdb.ensure_id_indexes(cfg.mongodb.ferretdb_sqlite_dir, db.name, layout.BY_ID)
+        ferretdb.ensure_id_indexes(
+            cfg.mongodb.ferretdb_sqlite_dir, db.name, layout.BY_ID, others_may=True
+        )
 
 
 def error_of(write_error: dict[str, Any]) -> OperationFailure:

@@ -140,7 +140,7 @@ class Writer:
         got = self.summaries.get(sid)
         if got is None:
             doc = None if self._fresh(start_us) else self.db[coll].find_one({"_id": sid})
-            got = dict((doc or {}).get(path) or {})
+            got = layout.summaries(doc, path)
             self.summaries.put(sid, got)
         return got
 
@@ -337,12 +337,12 @@ class Writer:
             minutes = self._summary_doc(layout.HOURS, shid, hour, "m")
             minutes[mi] = s
             o = op(hour_ops, shid, hour)
-            o["$set"][f"m.{mi}"] = s
+            o["$set"][f"m.{mi}"] = layout.pack(s)
             o["$setOnInsert"]["s"] = sid
             # Every sensor's minute.
             mid = layout.minute_doc_id(minute)
             self._summary_doc(layout.MINUTES, mid, minute, "by")[fname] = s
-            op(minute_ops, mid, minute)["$set"][f"by.{fname}"] = s
+            op(minute_ops, mid, minute)["$set"][f"by.{fname}"] = layout.pack(s)
             touched_hours[(sid, hour)] = None
             for kind in {r["kind"] for r in rs}:
                 if (sid, hour, kind) in self.registered:
@@ -360,11 +360,11 @@ class Writer:
             hs = self._summary_doc(layout.HOURS, hid, hour, "by")
             hs[fname] = layout.total(minutes.values())
             o = op(hour_ops, hid, hour)
-            o["$set"][f"by.{fname}"] = hs[fname]
+            o["$set"][f"by.{fname}"] = layout.pack(hs[fname])
             day = layout.floor(hour, layout.US_DAY)
             hours = self._day_hours(fname, day)
-            op(hour_ops, layout.all_day_id(day), day)["$set"][f"by.{fname}"] = layout.total(
-                hours.values()
+            op(hour_ops, layout.all_day_id(day), day)["$set"][f"by.{fname}"] = layout.pack(
+                layout.total(hours.values())
             )
         # Status counts of each minute over all sensors, inside the all-sensor hour.
         for mid in minute_ops:
@@ -375,7 +375,7 @@ class Writer:
                 hid = layout.all_hour_id(layout.floor(minute, layout.US_HOUR))
                 op(hour_ops, hid, layout.floor(minute, layout.US_HOUR))["$set"][
                     f"ms.{layout.minute_index(minute)}"
-                ] = counts
+                ] = layout.pack_counts(counts)
         self._bulk_updates(layout.HOURS, hour_ops)
         self._bulk_updates(layout.MINUTES, minute_ops)
         self._bulk_updates(layout.SENSORS, sensor_ops)

@@ -130,14 +130,15 @@ def test_a_redelivered_batch_is_stored_and_counted_once(db) -> None:
     # A crash between a bucket's write and its summaries', then the broker's redelivery:
     # damage a summary, and write the same readings again with a writer that knows nothing.
     hid = layout.sensor_hour_id("st", layout.to_us(T0))
-    db[layout.HOURS].update_one({"_id": hid}, {"$set": {"m.58.n": 1}})
+    wrong = layout.pack({**layout.summary(), "n": 1, "sum": 1.0, "min": 0.0, "max": 9.0})
+    db[layout.HOURS].update_one({"_id": hid}, {"$set": {"m.58": wrong}})
     mid = layout.minute_doc_id(layout.to_us(T0))
-    db[layout.MINUTES].update_one({"_id": mid}, {"$set": {"by.st.st.3": 999}})
+    db[layout.MINUTES].update_one({"_id": mid}, {"$set": {"by.st": wrong}})
     out = Writer(db).write([dict(r) for r in rs])
     assert (len(out.new), out.duplicates) == (0, 500)
     assert (queries.count_all(db), queries.status_counts(db, None, None)) == before
     assert sum(before[1].values()) == 500
-    assert db[layout.HOURS].find_one({"_id": hid})["m"]["58"]["n"] == 30
+    assert layout.summaries(db[layout.HOURS].find_one({"_id": hid}), "m")["58"]["n"] == 30
 
 
 def test_retention_per_tier(gateway: Gateway, db) -> None:

@@ -79,7 +79,7 @@ def _damage(s: dict[str, Any]) -> None:
 
 
 def _summaries(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*(doc.get("m") or {}).values(), *(doc.get("by") or {}).values()]
+    return [*layout.summaries(doc, "m").values(), *layout.summaries(doc, "by").values()]
 
 
 def _assert_same_summaries(after: dict[str, dict], before: dict[str, dict]) -> None:
@@ -88,9 +88,10 @@ def _assert_same_summaries(after: dict[str, dict], before: dict[str, dict]) -> N
         old = before[_id]
         assert doc.get("ms") == old.get("ms"), _id
         for path in ("m", "by"):
-            assert (doc.get(path) or {}).keys() == (old.get(path) or {}).keys(), (_id, path)
-            for name, s in (doc.get(path) or {}).items():
-                o = old[path][name]
+            new_s, old_s = layout.summaries(doc, path), layout.summaries(old, path)
+            assert new_s.keys() == old_s.keys(), (_id, path)
+            for name, s in new_s.items():
+                o = old_s[name]
                 assert {k: v for k, v in s.items() if k != "sum"} == {
                     k: v for k, v in o.items() if k != "sum"
                 }, (_id, path, name)
@@ -115,11 +116,12 @@ def test_summaries_heal_when_readings_are_written_again(gateway: Gateway) -> Non
     # hour and day, and the status counts of each minute.
     for coll in (layout.HOURS, layout.MINUTES):
         for doc in db[coll].find():
-            for s in _summaries(doc):
-                _damage(s)
-            for counts in (doc.get("ms") or {}).values():
-                for st in counts:
-                    counts[st] += 1
+            for path in ("m", "by"):
+                for name, s in layout.summaries(doc, path).items():
+                    _damage(s)
+                    doc[path][name] = layout.pack(s)
+            for minute, counts in layout.summaries(doc, "ms").items():
+                doc["ms"][minute] = layout.pack_counts({st: c + 1 for st, c in counts.items()})
             db[coll].replace_one({"_id": doc["_id"]}, doc)
     assert queries.count_all(db) != 500
     assert queries.status_counts(db, None, None) != statuses

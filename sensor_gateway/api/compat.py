@@ -9,6 +9,7 @@ served by the native ``/readings`` route, and status-count clients use
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -54,10 +55,17 @@ def latestten_sensor(sensor_id: str) -> Response:
     return latest_response(services(), sensor_id, 10, envelope=False)
 
 
+def _to_ms(dt: datetime) -> datetime:
+    return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+
+
 def _start_to_end(query_data: dict[str, Any]) -> Response:
+    # The system this replaces kept milliseconds (MongoDB dates): its clients send
+    # microseconds and expect them compared at millisecond precision, both ends
+    # inclusive. So does this route; the native ones compare microseconds.
     q = queries.ReadingQuery(
-        start=query_data["startDate"],
-        end=query_data["endDate"],
+        start=_to_ms(query_data["startDate"]),
+        end=_to_ms(query_data["endDate"]) + timedelta(microseconds=999),
         end_inclusive=True,
         limit=query_data["limit"],
         cursor=query_data.get("cursor"),
