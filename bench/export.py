@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/export.py [--readings 1000000] [--format csv] [--keep DIR]
 
-Starts the local services (sensor_gateway.localstack.Stack), bulk-inserts the
-readings straight into the database with insert_many (bench/api.py's fixture),
+Starts the local services (sensor_gateway.localstack.Stack), loads the readings
+through the storage layer's writer (bench/api.py's fixture, not MQTT),
 runs `sensor-gateway api` (gunicorn, one gthread worker), warms the worker up
 with a small export, then streams ``GET /readings/export?format=csv`` of the
 whole collection while sampling the worker's RSS (psutil, every 50 ms).
