@@ -36,6 +36,7 @@ tier (``ingest.retention_days``); ``hours`` the summary tier
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -86,7 +87,13 @@ def floor(us: int, unit: int) -> int:
 
 
 def minute_key(us: int) -> str:
-    return from_us(floor(us, US_MINUTE)).strftime("%Y%m%d%H%M").zfill(12)
+    return _minute_key(floor(us, US_MINUTE))
+
+
+@functools.lru_cache(maxsize=4096)
+def _minute_key(minute_us: int) -> str:
+    # Every reading's bucket id needs it; the minutes of a batch are few.
+    return from_us(minute_us).strftime("%Y%m%d%H%M").zfill(12)
 
 
 def hour_key(us: int) -> str:

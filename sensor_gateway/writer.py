@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import secrets
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,10 @@ def _why(exc: BaseException) -> str:
 def new_key() -> str:
     """The key of a reading that has no dedupe key of its own (see payload.py)."""
     return "~" + secrets.token_hex(12)
+
+
+# The buckets' append runs here while the summaries are written.
+_WRITE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="append")
 
 
 class _Lru(collections.OrderedDict):
@@ -124,16 +129,18 @@ class Writer:
     def _bucket(self, bid: str, start_us: int) -> MinuteState:
         st = self.buckets.get(bid)
         if st is None:
-            docs: list[dict[str, Any]] = []
-            if not self._fresh(start_us):
-                # Its documents, until one is missing (the summary's count may lag).
-                while doc := self.db[layout.SAMPLES].find_one(
-                    {"_id": f"{bid}/{len(docs)}" if docs else bid}
-                ):
-                    docs.append(doc)
-            st = MinuteState.of(docs)
+            st = MinuteState.of([] if self._fresh(start_us) else self._read_minute(bid))
             self.buckets.put(bid, st)
         return st
+
+    def _read_minute(self, bid: str) -> list[dict[str, Any]]:
+        """A minute's documents, until one is missing (the summary's count may lag)."""
+        docs: list[dict[str, Any]] = []
+        while doc := self.db[layout.SAMPLES].find_one(
+            {"_id": f"{bid}/{len(docs)}" if docs else bid}
+        ):
+            docs.append(doc)
+        return docs
 
     def _summary_doc(self, coll: str, sid: str, start_us: int, path: str) -> dict[str, Any]:
         """The summaries under ``path`` (``m`` or ``by``) of one summary document."""
@@ -265,13 +272,23 @@ class Writer:
             if new:
                 appended[bid] = new
 
-        refused_buckets = self._bulk(layout.SAMPLES, sample_ops, op_bucket)
-        for bid, reason in refused_buckets.items():
-            for r in appended.pop(bid, ()):
-                out.refused.append((r, reason))
-            new_state.pop(bid)
-            self.buckets.pop(bid, None)
-        self._write_summaries(groups, new_state)
+        # Buckets and summaries go to the server at once: summaries are set, not
+        # incremented, so whichever lands first, a retry or the redelivery after a
+        # crash sets them right again.
+        appending = _WRITE_POOL.submit(self._bulk, layout.SAMPLES, sample_ops, op_bucket)
+        try:
+            self._write_summaries(groups, new_state)
+        finally:
+            refused_buckets = appending.result()
+        if refused_buckets:
+            for bid, reason in refused_buckets.items():
+                for r in appended.pop(bid, ()):
+                    out.refused.append((r, reason))
+                # Summarise again what the bucket really holds, without the refused.
+                new_state[bid] = MinuteState.of(self._read_minute(bid))
+                new_state[bid].summary["g"] = max(new_state[bid].segments, 1)
+                self.buckets.put(bid, new_state[bid])
+            self._write_summaries(groups, new_state)
         for bid, st in new_state.items():
             self.buckets.put(bid, st)
         for rs in appended.values():
