@@ -65,16 +65,16 @@ API_PORT = 8000
 # Reads the database as the gateway does (its venv, its credentials).
 DB_PROBE = r"""
 import json, sys, pymongo
+from sensor_gateway import layout
 pw = open("/etc/sensor-gateway/credentials/mongodb-password").read().strip()
 c = pymongo.MongoClient("mongodb://127.0.0.1:27017/?authSource=sensor_gateway",
                         username="sensor-gateway", password=pw, serverSelectionTimeoutMS=3000)
-r = c.sensor_gateway.readings
-ids = sys.argv[1:]
-out = {"count": r.count_documents({}),
-       "latest": [d["msg_id"]
-                  for d in r.find({}, {"msg_id": 1}).sort("received_at", -1).limit(20)],
-       "found": [d["msg_id"]
-                 for d in r.find({"msg_id": {"$in": ids}}, {"msg_id": 1})] if ids else []}
+stored = [s for d in c.sensor_gateway[layout.SAMPLES].find() for s in layout.samples_of(d)]
+stored.sort(key=lambda s: s.order_key())
+ids = set(sys.argv[1:])
+out = {"count": len(stored),
+       "latest": [s.msg_id for s in reversed(stored[-20:])],
+       "found": [s.msg_id for s in stored if s.msg_id in ids]}
 print(json.dumps(out, default=str))
 """
 
@@ -83,7 +83,7 @@ DB_ANON_PROBE = r"""
 import pymongo
 c = pymongo.MongoClient("mongodb://127.0.0.1:27017/", serverSelectionTimeoutMS=3000)
 try:
-    c.sensor_gateway.readings.find_one()
+    c.sensor_gateway.samples.find_one()
     print("ALLOWED")
 except pymongo.errors.OperationFailure as e:
     print("REFUSED", e.code)
@@ -417,6 +417,21 @@ def test_journal_has_the_daemons_lines(dep: Deployment) -> None:
     dep.notes["journal_sample"] = [e.get("MESSAGE") for e in own[:5]]
     NOTES.append("journalctl -u sensor-ingest, the daemon's first lines:")
     NOTES.extend(f"    {msg}" for msg in dep.notes["journal_sample"])
+
+
+def test_ferretdb_reads_by_id_are_indexed(dep: Deployment) -> None:
+    """sensor-ingest.service's ExecStartPost (sensor-gateway ferretdb-index, as root)
+    indexed every collection read by _id, checked with EXPLAIN, files' owner kept."""
+    from sensor_gateway import layout
+
+    out = dep.c.run("journalctl", "--no-pager", "-u", "sensor-ingest", "-o", "cat").stdout
+    for coll in layout.BY_ID:
+        assert f"{coll}: indexed" in out, out[-3000:]
+    owners = dep.c.run(
+        "stat", "-c", "%U", "/var/lib/private/ferretdb/data/sensor_gateway.sqlite"
+    ).stdout.split()
+    assert owners and owners[0] != "root", owners
+    NOTES.append(f"FerretDB _id index: {', '.join(layout.BY_ID)} indexed (EXPLAIN checked)")
 
 
 def test_second_run_changes_nothing(dep: Deployment) -> None:
