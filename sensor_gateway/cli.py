@@ -113,11 +113,13 @@ GUNICORN_CONFIG = "python:sensor_gateway.gunicorn_conf"
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from sensor_gateway import tokens
+    from sensor_gateway import storage, tokens
 
     cfg = _load(args)  # a bad configuration stops here, with the key named
-    from sensor_gateway import storage
-
+    # So does an API that would serve beyond loopback without any token
+    # (gunicorn's configuration checks it again, for gunicorn run directly).
+    tokens.check_startup(cfg)
+    # And a database in the old layout, with the command that moves it.
     try:
         storage.check_layout(storage.connect(cfg, appname="sensor-api-check"))
     except storage.LayoutError as exc:
@@ -125,9 +127,6 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 78
     except storage.Unavailable:
         pass  # the API starts anyway and answers 503 until MongoDB is back
-    # So does an API that would serve beyond loopback without any token
-    # (gunicorn's configuration checks it again, for gunicorn run directly).
-    tokens.check_startup(cfg)
     if args.dev:
         from sensor_gateway.api import create_app
 

@@ -265,21 +265,22 @@ class Sample:
         """Readings sort by time, then sensor, then arrival."""
         return (self.us, self.sensor_id, self.pos)
 
-    def public(self) -> dict[str, Any]:
-        from sensor_gateway.model import iso
-
-        out: dict[str, Any] = {
-            "id": reading_id(self.bucket, self.pos),
+    def as_doc(self) -> dict[str, Any]:
+        """Shaped like the documents the writer returns (what Redis and the API show)."""
+        return {
+            "_id": reading_id(self.bucket, self.pos),
             "sensor_id": self.sensor_id,
             "kind": self.kind,
             "value": self.value,
-            "timestamp": iso(self.ts),
+            "ts": self.ts,
+            "unit": self.unit,
+            "msg_id": self.msg_id,
         }
-        if self.unit:
-            out["unit"] = self.unit
-        if self.msg_id:
-            out["msg_id"] = self.msg_id
-        return out
+
+    def public(self) -> dict[str, Any]:
+        from sensor_gateway.model import public
+
+        return public(self.as_doc())
 
 
 def samples_of(doc: dict[str, Any]) -> list[Sample]:

@@ -12,13 +12,16 @@ marked layout 2. Run it with the ingester stopped: the writer must be the only o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from pymongo.database import Database
 
-from sensor_gateway import layout, storage
+from sensor_gateway import layout
 from sensor_gateway.writer import Writer
+
+log = logging.getLogger("sensor_gateway.migrate")
 
 CHUNK = 5000
 
@@ -96,5 +99,5 @@ def run(db: Database, progress: Callable[[int, int], None] | None = None) -> dic
         {"_id": "layout"}, {"$set": {"version": layout.VERSION}}, upsert=True
     )
     db[layout.META].delete_one({"_id": "migration"})
-    storage.log.info("migrated %d readings (%d not readings, left in readings_v1)", moved, skipped)
+    log.info("migrated %d readings (%d not readings, left in readings_v1)", moved, skipped)
     return {"seen": seen, "moved": moved, "skipped": skipped}

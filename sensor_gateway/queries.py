@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -299,11 +300,7 @@ def find_readings(
     db: Database | Reader, q: ReadingQuery
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of readings in (time, sensor, arrival) order and the next page's cursor."""
-    page: list[Sample] = []
-    for s in iter_samples(db, q):
-        page.append(s)
-        if len(page) > q.limit:
-            break
+    page = list(itertools.islice(iter_samples(db, q), q.limit + 1))
     next_cursor = None
     if len(page) > q.limit:
         page = page[: q.limit]
@@ -319,12 +316,7 @@ def latest_samples(
     name: str | None = None,
 ) -> list[Sample]:
     q = ReadingQuery(sensor_id=sensor_id, kind=kind, name=name, order="desc", limit=n)
-    out = []
-    for s in iter_samples(db, q):
-        out.append(s)
-        if len(out) >= n:
-            break
-    return out
+    return list(itertools.islice(iter_samples(db, q), n))
 
 
 def latest(
@@ -340,18 +332,7 @@ def latest(
 
 def latest_docs(db: Database | Reader, n: int, sensor_id: str | None = None) -> list[dict]:
     """As :func:`latest`, shaped like the documents the writer hands to Redis."""
-    return [
-        {
-            "_id": layout.reading_id(s.bucket, s.pos),
-            "sensor_id": s.sensor_id,
-            "kind": s.kind,
-            "value": s.value,
-            "ts": s.ts,
-            "unit": s.unit,
-            "msg_id": s.msg_id,
-        }
-        for s in latest_samples(db, n, sensor_id)
-    ]
+    return [s.as_doc() for s in latest_samples(db, n, sensor_id)]
 
 
 def sensor_exists(db: Database | Reader, sensor_id: str) -> bool:

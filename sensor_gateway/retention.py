@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,20 +35,37 @@ def _delete(db: Database, coll: str, ids: list[str]) -> int:
     return sum(db[coll].delete_one({"_id": i}).deleted_count for i in ids)
 
 
-def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None) -> int:
-    """Delete minute buckets and minute summaries of every hour ending by ``cutoff_us``."""
+def _sweep_hours(
+    db: Database,
+    tier: str,
+    cutoff_us: int,
+    delete_hour: Callable[[int, list[dict[str, Any]]], int],
+    stop: threading.Event | None,
+) -> int:
+    """Call ``delete_hour(hour, sensors with readings then)`` for every hour ending
+    by ``cutoff_us`` from where this tier's last sweep stopped (``meta.retention``)."""
     meta = db[layout.META].find_one({"_id": "retention"}) or {}
     sensors = _sensors(db)
     if not sensors:
         return 0
-    hour = meta.get("raw", min(s.get("first", cutoff_us) for s in sensors))
+    hour = meta.get(tier, min(s.get("first", cutoff_us) for s in sensors))
     end = layout.floor(cutoff_us, layout.US_HOUR)
     deleted = 0
     while hour < end and not (stop and stop.is_set()):
+        present = [s for s in sensors if s.get("first", end) <= hour <= s.get("last", -1)]
+        deleted += delete_hour(hour, present)
+        hour += layout.US_HOUR
+        db[layout.META].update_one({"_id": "retention"}, {"$set": {tier: hour}}, upsert=True)
+    return deleted
+
+
+def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None) -> int:
+    """Delete minute buckets and minute summaries of every hour ending by ``cutoff_us``."""
+
+    def delete_hour(hour: int, sensors: list[dict[str, Any]]) -> int:
         minutes: set[str] = set()
+        deleted = 0
         for s in sensors:
-            if not s.get("first", end) <= hour <= s.get("last", -1):
-                continue
             doc = db[layout.HOURS].find_one({"_id": layout.sensor_hour_id(s["_id"], hour)})
             present = layout.summaries(doc, "m")
             minutes.update(present)
@@ -58,33 +76,22 @@ def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None)
             ]
             deleted += _delete(db, layout.SAMPLES, ids)
         _delete(db, layout.MINUTES, [f"{layout.ALL}|{layout.hour_key(hour)}{mi}" for mi in minutes])
-        hour += layout.US_HOUR
-        db[layout.META].update_one({"_id": "retention"}, {"$set": {"raw": hour}}, upsert=True)
-    return deleted
+        return deleted
+
+    return _sweep_hours(db, "raw", cutoff_us, delete_hour, stop)
 
 
 def sweep_summaries(db: Database, cutoff_us: int, stop: threading.Event | None = None) -> int:
     """Delete the hour and day summaries of every hour (day) ending by ``cutoff_us``."""
-    meta = db[layout.META].find_one({"_id": "retention"}) or {}
-    sensors = _sensors(db)
-    if not sensors:
-        return 0
-    hour = meta.get("summary", min(s.get("first", cutoff_us) for s in sensors))
-    end = layout.floor(cutoff_us, layout.US_HOUR)
-    deleted = 0
-    while hour < end and not (stop and stop.is_set()):
-        ids = [
-            layout.sensor_hour_id(s["_id"], hour)
-            for s in sensors
-            if s.get("first", end) <= hour <= s.get("last", -1)
-        ]
+
+    def delete_hour(hour: int, sensors: list[dict[str, Any]]) -> int:
+        ids = [layout.sensor_hour_id(s["_id"], hour) for s in sensors]
         ids.append(layout.all_hour_id(hour))
         if (hour + layout.US_HOUR) % layout.US_DAY == 0:  # the day's last hour is gone
             ids.append(layout.all_day_id(hour))
-        deleted += _delete(db, layout.HOURS, ids)
-        hour += layout.US_HOUR
-        db[layout.META].update_one({"_id": "retention"}, {"$set": {"summary": hour}}, upsert=True)
-    return deleted
+        return _delete(db, layout.HOURS, ids)
+
+    return _sweep_hours(db, "summary", cutoff_us, delete_hour, stop)
 
 
 def sweep(db: Database, cfg: Config, now: datetime | None = None, stop=None) -> dict[str, int]:

@@ -189,15 +189,7 @@ def scan_readings(db: Database) -> Iterable[dict[str, Any]]:
     checks and exports of everything; the API never calls it."""
     for doc in db[layout.SAMPLES].find():
         for smp in layout.samples_of(doc):
-            yield {
-                "_id": layout.reading_id(smp.bucket, smp.pos),
-                "sensor_id": smp.sensor_id,
-                "kind": smp.kind,
-                "value": smp.value,
-                "ts": smp.ts,
-                "unit": smp.unit,
-                "msg_id": smp.msg_id,
-            }
+            yield smp.as_doc()
 
 
 def count_readings(db: Database) -> int:

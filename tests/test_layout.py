@@ -217,7 +217,11 @@ def test_old_layout_is_refused_then_migrated_idempotently(gateway: Gateway) -> N
 
 def test_ferretdb_id_lookups_use_an_index(gateway: Gateway, db, caplog) -> None:
     if not storage.is_ferretdb(db):
-        pytest.skip("MongoDB serves _id lookups from its own index")
+        # MongoDB serves them from its own `_id` index: its plan must not scan.
+        for coll in layout.BY_ID:
+            plan = db[coll].find({"_id": "x"}).explain()["queryPlanner"]["winningPlan"]
+            assert "COLLSCAN" not in str(plan), (coll, plan)
+        return
     import sqlite3
 
     path = f"{gateway.cfg.mongodb.ferretdb_sqlite_dir}/{db.name}.sqlite"

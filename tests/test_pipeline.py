@@ -131,16 +131,7 @@ def test_summaries_heal_when_readings_are_written_again(gateway: Gateway) -> Non
     for bucket in db[layout.SAMPLES].find():
         for smp, key in zip(layout.samples_of(bucket), bucket["k"], strict=True):
             redelivered.append(
-                {
-                    "_id": key,
-                    "sensor_id": smp.sensor_id,
-                    "kind": smp.kind,
-                    "value": smp.value,
-                    "ts": smp.ts,
-                    "unit": smp.unit,
-                    "msg_id": smp.msg_id,
-                    "topic": f"sensors/{smp.kind}/{smp.sensor_id}",
-                }
+                {**smp.as_doc(), "_id": key, "topic": f"sensors/{smp.kind}/{smp.sensor_id}"}
             )
     assert len(redelivered) == 500
     out = Writer(db).write(redelivered)
