@@ -69,9 +69,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     notifier = Notifier()
     ingester = Ingester(cfg, notifier)
     if cfg.ingest.stats_topic:
-        from sensor_gateway.stats import StatsPublisher
+        from sensor_gateway.stats_topic import StatsPublisher
 
-        ingester.stats_publisher = StatsPublisher.for_client(cfg, ingester.db, ingester.client)
+        ingester.stats_publisher = StatsPublisher.for_client(
+            cfg, ingester.db, ingester.receiver.client
+        )
     _on_signals(ingester.stop)
     from sensor_gateway.ingest import EXIT_PERMANENT
     from sensor_gateway.storage import PermanentError
@@ -125,7 +127,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     except storage.LayoutError as exc:
         print(f"sensor-gateway api: {exc}", file=sys.stderr)
         return 78
-    except storage.Unavailable:
+    except storage.DatabaseError:
         pass  # the API starts anyway and answers 503 until MongoDB is back
     if args.dev:
         from sensor_gateway.api import create_app
@@ -155,7 +157,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from sensor_gateway.stats import follow
+    from sensor_gateway.stats_topic import follow
 
     cfg = _load(args)
     stop = threading.Event()
@@ -478,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--gunicorn-config",
         default=GUNICORN_CONFIG,
-        help="gunicorn configuration (default: the packaged one, as config/gunicorn.conf.py)",
+        help="gunicorn configuration (default: the packaged sensor_gateway.gunicorn_conf, "
+        "which takes its settings from gateway.toml [api])",
     )
     s.set_defaults(func=cmd_api)
 

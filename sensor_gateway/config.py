@@ -70,7 +70,8 @@ class IngestConfig:
     client_id: str = "sensor-ingest"
     mqtt_username: str = "sensor-ingest"
     mqtt_password_file: str = ""
-    # Topic filter; `$share/<group>/sensors/#` to spread over several ingesters.
+    # Topic filter. One ingester per database: the writer's exactly-once needs a
+    # single writer, so a `$share/...` filter over several ingesters is not supported.
     topic: str = "sensors/#"
     # MQTT 5 session expiry: how long the broker keeps our queue while we are away.
     session_expiry_s: int = 7 * 24 * 3600

@@ -1,4 +1,4 @@
-"""gunicorn settings and hooks for the API (``config/gunicorn.conf.py`` re-exports this).
+"""gunicorn settings and hooks for the API: the one gunicorn configuration.
 
 Outside the ``api`` package on purpose: importing it must not import
 prometheus_client before ``PROMETHEUS_MULTIPROC_DIR`` is set below.

@@ -134,6 +134,15 @@ def all_day_id(us: int) -> str:
     return f"{ALL}|{day_key(us)}"
 
 
+def field_name(sensor_id: str) -> str:
+    """A sensor id as a field name: ``.`` would be read as a path."""
+    return sensor_id.replace(".", "~")
+
+
+def sensor_of(name: str) -> str:
+    return name.replace("~", ".")
+
+
 def reading_id(bucket: str, pos: int) -> str:
     """A reading's public id: its minute and arrival position. Zero-padded, so
     that readings of one sensor with equal timestamps sort in arrival order

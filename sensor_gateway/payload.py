@@ -8,7 +8,7 @@ the datetime range, text against what BSON can encode), and every reason shows
 input through :func:`show`, which cannot fail either. The fuzz tests
 (``tests/fuzz``) hold it to that.
 
-The dedupe key (``_id``), see docs in README.md "Delivery guarantee":
+The dedupe key (docs/ARCHITECTURE.md, "The dedupe key"):
 - the payload has a timestamp: a hash of topic and payload bytes. A broker
   redelivery or a publisher's QoS 1 re-send carries the same bytes and is
   stored once; two devices (other topic or other ``sensor_id``) or a device
@@ -16,7 +16,9 @@ The dedupe key (``_id``), see docs in README.md "Delivery guarantee":
 - no timestamp but a ``msg_id``: the same hash plus the MQTT packet id, which
   a broker redelivery keeps. A device that restarts its counter and repeats a
   payload byte for byte is told apart by the packet id.
-- neither: no key; MongoDB assigns one (stored at least once).
+- neither: no key here; the writer makes one on arrival (``~`` and random
+  bytes), so a batch it retries itself is stored once, while a broker
+  redelivery of such a message is stored again (at least once).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Limits:
     max_payload_bytes: int = 16384
     max_future_skew_s: float = 300.0
     # Per-device credentials: the topic's third level is the sensor's identity
-    # and a payload may not claim another (see DESIGN.md, "Device identity").
+    # and a payload may not claim another (docs/ARCHITECTURE.md, "Device identity").
     topic_identity: bool = False
 
 

@@ -1,6 +1,8 @@
 """The read side of the layout (:mod:`sensor_gateway.layout`): readings in a
-time or value range with keyset paging, latest readings, status counts,
-averages. Every document is fetched by a computed `_id`.
+time or value range with keyset paging, latest readings, status counts, and
+the summaries of any window (:func:`window_summaries`, which
+:mod:`sensor_gateway.averages` averages). Every document is fetched by a
+computed `_id`.
 
 Cost: a query reads the documents of the window it asks for, never the
 history; a :class:`Reader` counts them and stops a request that would read
@@ -20,16 +22,13 @@ import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pymongo.database import Database
 
 from sensor_gateway import layout
-from sensor_gateway.config import parse_window
 from sensor_gateway.layout import US_DAY, US_HOUR, US_MINUTE, Sample
-from sensor_gateway.model import iso
-from sensor_gateway.writer import field_name, sensor_of
 
 STATUSES = layout.STATUSES
 
@@ -123,7 +122,7 @@ def as_reader(db: Database | Reader) -> Reader:
 
 
 def kinds_of(sensor_doc: dict[str, Any]) -> set[str]:
-    return {sensor_of(k) for k in sensor_doc.get("kinds") or {}}
+    return {layout.sensor_of(k) for k in sensor_doc.get("kinds") or {}}
 
 
 # -- cursors -------------------------------------------------------------------------
@@ -255,7 +254,7 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
         if len(present) > 1:
             # One document says which sensors have readings in this hour.
             by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}  # names
-            present = [sid for sid in present if field_name(sid) in by]
+            present = [sid for sid in present if layout.field_name(sid) in by]
         by_minute: dict[int, list[tuple[str, int]]] = {}
         r.prefetch((layout.HOURS, layout.sensor_hour_id(sid, hour)) for sid in present)
         for sid in present:
@@ -382,7 +381,7 @@ def _summaries(r: Reader, name: str, start: int, end: int, sensor_id: str | None
         by = layout.summaries(r.get(layout.HOURS, layout.all_hour_id(start)), "by")
     else:
         by = layout.summaries(r.get(layout.HOURS, layout.all_day_id(start)), "by")
-    out = {sensor_of(k): v for k, v in by.items()}
+    out = {layout.sensor_of(k): v for k, v in by.items()}
     if sensor_id is not None:
         return {sensor_id: out[sensor_id]} if sensor_id in out else {}
     return out
@@ -401,7 +400,7 @@ def _raw_summaries(
     else:
         by = layout.summaries(r.get(layout.MINUTES, layout.minute_doc_id(minute)), "by")
         sids = [
-            (sensor_of(k), layout.segments(v))
+            (layout.sensor_of(k), layout.segments(v))
             for k, v in by.items()
             if v.get("st") or not statuses_only
         ]
@@ -509,90 +508,6 @@ def status_counts(
         for summary in part.values():
             add(summary.get("st"))
     return counts
-
-
-# -- rolling averages ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    label: str
-    seconds: int
-
-    @property
-    def column(self) -> str:
-        """Seed-compatible column name: 1m → avg_1min, 30s → avg_30s, 1h → avg_1h."""
-        label = self.label[:-1] + "min" if self.label.endswith("m") else self.label
-        return f"avg_{label}"
-
-    def since(self, now: datetime) -> datetime:
-        """Start of the window: whole minutes, the current (partial) one included."""
-        return (now - timedelta(seconds=self.seconds)).replace(second=0, microsecond=0)
-
-
-def parse_windows(labels: Iterable[str]) -> list[Window]:
-    """Raises ConfigError (a ValueError) naming the bad label."""
-    out: list[Window] = []
-    for label in labels:
-        label = label.strip()
-        w = Window(label, parse_window(label))
-        if w not in out:
-            out.append(w)
-    return out
-
-
-def _finish(acc: dict[str, Any] | None, since: datetime) -> dict[str, Any]:
-    n = acc["n"] if acc else 0
-    return {
-        "since": iso(since),
-        "count": n,
-        "avg": (acc["sum"] / n) if n else None,
-        "min": acc["min"] if n else None,
-        "max": acc["max"] if n else None,
-    }
-
-
-def averages(
-    db: Database | Reader,
-    windows: list[Window],
-    sensor_id: str | None = None,
-    kind: str | None = None,
-    now: datetime | None = None,
-) -> dict[str, Any]:
-    """Averages over each window, sum / count of the summaries from the window's
-    first whole minute to the end of the current one (up to the last batch the
-    ingester wrote); long windows read hour and day summaries."""
-    r = as_reader(db)
-    now = now or datetime.now(UTC)
-    end = layout.floor(layout.to_us(now), US_MINUTE) + US_MINUTE
-    per_window: dict[str, dict[str, dict[str, Any]]] = {}
-    for w in windows:
-        got = window_summaries(r, layout.to_us(w.since(now)), end, sensor_id)
-        if kind is not None:
-            got = {sid: s for sid, s in got.items() if s.get("kind") == kind}
-        per_window[w.label] = got
-    sids = sorted({sid for got in per_window.values() for sid in got})
-    return {
-        "generated_at": iso(now),
-        "windows": [w.label for w in windows],
-        "sensor_id": sensor_id,
-        "kind": kind,
-        "overall": {
-            w.label: _finish(layout.total(per_window[w.label].values()), w.since(now))
-            for w in windows
-        },
-        "sensors": {
-            sid: {
-                "kind": next(
-                    per_window[w.label][sid]["kind"] for w in windows if sid in per_window[w.label]
-                ),
-                "windows": {
-                    w.label: _finish(per_window[w.label].get(sid), w.since(now)) for w in windows
-                },
-            }
-            for sid in sids
-        },
-    }
 
 
 def minute_series(

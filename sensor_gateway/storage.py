@@ -3,7 +3,7 @@
 The layout of readings is in :mod:`sensor_gateway.layout`, its writes in
 :mod:`sensor_gateway.writer`, its reads in :mod:`sensor_gateway.queries`.
 Everything stays inside what MongoDB 4.4+ and FerretDB 1.24 both serve
-(DESIGN.md, "Storage").
+(docs/ARCHITECTURE.md, "Storage layout").
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ log = logging.getLogger("sensor_gateway.storage")
 REJECTED = layout.REJECTED
 DUPLICATE_KEY = 11000
 
-# Any database error; :func:`classify` says what to do about one.
-Unavailable = PyMongoError
+# Any database error, down or refused alike; :func:`classify` says which and what to do.
+DatabaseError = PyMongoError
 
 # Server error codes, grouped by what the ingester does about them.
 # Transient (hold the batch, retry): network, shutdown, elections, time limits.
@@ -185,8 +185,8 @@ def insert_rejects(db: Database, rejects: list[dict[str, Any]]) -> list[tuple[di
 
 
 def scan_readings(db: Database) -> Iterable[dict[str, Any]]:
-    """Every stored reading, bucket by bucket: a full scan, for tests, `migrate`
-    checks and exports of everything; the API never calls it."""
+    """Every stored reading, bucket by bucket: a full scan, for the counts of
+    tests, benchmarks and the soak; nothing in the gateway's daemons calls it."""
     for doc in db[layout.SAMPLES].find():
         for smp in layout.samples_of(doc):
             yield smp.as_doc()

@@ -14,7 +14,8 @@ Exactly once, without transactions (FerretDB has none):
 The writer knows what it wrote (a bounded cache of the buckets and summaries
 it touches) and reads a document by `_id` only the first time it needs it;
 after any failed write it forgets what the write touched and reads it again.
-This needs one writer per database at a time (the ingester); see DESIGN.md.
+This needs one writer per database at a time (the ingester); see
+docs/ARCHITECTURE.md, "Delivery guarantee".
 """
 
 from __future__ import annotations
@@ -42,15 +43,6 @@ RECEIPT_LOOKBACK_US = 15 * layout.US_MINUTE
 # updates take 4.5 ms each, 10-20 cost what one does). So each command carries at
 # most this many updates.
 MAX_UPDATES_PER_COMMAND = 16
-
-
-def field_name(sensor_id: str) -> str:
-    """A sensor id as a field name: ``.`` would be read as a path."""
-    return sensor_id.replace(".", "~")
-
-
-def sensor_of(name: str) -> str:
-    return name.replace("~", ".")
 
 
 def _why(exc: BaseException) -> str:
@@ -344,7 +336,7 @@ class Writer:
         for bid, st in states.items():
             rs = groups[bid]
             sid = rs[0]["sensor_id"]
-            fname = field_name(sid)
+            fname = layout.field_name(sid)
             minute = layout.floor(rs[0]["_us"], layout.US_MINUTE)
             hour = layout.floor(minute, layout.US_HOUR)
             mi = layout.minute_index(minute)
@@ -366,12 +358,12 @@ class Writer:
                     continue
                 register.append((sid, hour, kind))
                 so = sensor_ops.setdefault(sid, {"$set": {}, "$min": {}, "$max": {}})
-                so["$set"][f"kinds.{field_name(kind)}"] = True
+                so["$set"][f"kinds.{layout.field_name(kind)}"] = True
                 so["$min"]["first"] = min(so["$min"].get("first", hour), hour)
                 so["$max"]["last"] = max(so["$max"].get("last", hour), hour)
         # Every sensor's hour and day, from the sensor-hour summaries above.
         for sid, hour in touched_hours:
-            fname = field_name(sid)
+            fname = layout.field_name(sid)
             minutes = self.summaries[layout.sensor_hour_id(sid, hour)]
             hid = layout.all_hour_id(hour)
             hs = self._summary_doc(layout.HOURS, hid, hour, "by")

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from sensor_gateway.mqtt import make_client
-from sensor_gateway.stats import format_table
+from sensor_gateway.stats_topic import format_table
 from tests.api_helpers import now_utc, publish_readings, sleep_until_second
 from tests.helpers import Gateway, wait_for
 

@@ -9,7 +9,7 @@ from tests.test_faults import assert_exactly_once
 
 def test_kill_between_write_and_acknowledgement(gateway: Gateway) -> None:
     n = 3000
-    # SIGKILL right after the first batch is written (ingest.crash_point("written")).
+    # SIGKILL right after the first batch is written (ingest.write.crash_point("written")).
     proc = gateway.spawn("ingest", env={"SENSOR_GATEWAY_CRASH_AT": "written"})
     wait_for(
         lambda: proc.poll() is not None or "subscribed to" in proc.log_path.read_text(),

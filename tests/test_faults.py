@@ -101,7 +101,7 @@ def test_mosquitto_keeps_queue_while_ingester_is_away(private_gateway: Gateway) 
     gw = private_gateway
     ing = gw.start_ingester()  # creates the persistent session
     gw.stop_ingesters()
-    assert not ing.subscribed.is_set()
+    assert not ing.receiver.subscribed.is_set()
     sim = gw.publish(3000, rate=3000)
     gw.stack.mosquitto.restart()
     gw.start_ingester()
@@ -162,8 +162,10 @@ def test_receive_maximum_bounds_what_is_held_while_mongodb_is_down(
     gw.stack.mongo.stop()
     sim = gw.publish(2000, rate=4000)  # the broker acknowledges and queues them
     time.sleep(3)
-    held = ing.queue.qsize() + ing.counters.received
-    assert 0 < ing.queue.qsize() <= ing.receive_maximum, ing.queue.qsize()
-    assert held <= ing.receive_maximum
+    held = ing.receiver.queue.qsize() + ing.counters.received
+    assert 0 < ing.receiver.queue.qsize() <= ing.receiver.receive_maximum, (
+        ing.receiver.queue.qsize()
+    )
+    assert held <= ing.receiver.receive_maximum
     gw.stack.mongo.start()
     assert_exactly_once(gw, sim.run_id, 2000)

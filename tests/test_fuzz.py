@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sensor_gateway.ingest import Incoming, validate_batch
+from sensor_gateway.ingest.receive import Incoming
+from sensor_gateway.ingest.validate import validate_batch
 from sensor_gateway.payload import DEFAULT_LIMITS, Reject, parse
 from tests.fuzz import contract, targets
 

@@ -18,10 +18,10 @@ from marshmallow import RAISE
 
 from sensor_gateway import queries
 from sensor_gateway.api import schemas
+from sensor_gateway.api.latest import latest_response
 from sensor_gateway.api.readings import paged
 from sensor_gateway.api.sensors import _check_id
 from sensor_gateway.api.services import services
-from sensor_gateway.api.views import latest_response
 
 bp = APIBlueprint("compat", __name__, tag="compatibility")
 

@@ -22,10 +22,10 @@ import msgspec
 from apiflask import APIBlueprint, abort
 from flask import Response, current_app, redirect, render_template, request, send_from_directory
 
-from sensor_gateway import queries, tokens
+from sensor_gateway import averages, queries, tokens
 from sensor_gateway.api import schemas, sensors, session
+from sensor_gateway.api.latest import latest_fragments
 from sensor_gateway.api.services import services
-from sensor_gateway.api.views import latest_fragments
 
 bp = APIBlueprint("dashboard", __name__, enable_openapi=False)
 
@@ -220,7 +220,7 @@ def sensor(sensor_id: str) -> Response:
     start = now - timedelta(seconds=RANGES[rng])
     points = history(sensor_id, start, now)
     chart = line_chart(points, start, now)
-    avgs = queries.averages(svc.reader(), queries.parse_windows(AVG_WINDOWS), sensor_id=sensor_id)
+    avgs = averages.averages(svc.reader(), averages.parse_windows(AVG_WINDOWS), sensor_id=sensor_id)
     windows = avgs["sensors"].get(sensor_id, {}).get("windows") or avgs["overall"]
     counts = None
     if last.get("kind") == "status":

@@ -2,9 +2,9 @@
 
 The filters are those of ``/readings`` (the same schema fields and the same
 :class:`sensor_gateway.queries.ReadingQuery`), without paging: the whole
-result is streamed. The rows come from one MongoDB cursor read in batches of
-:data:`BATCH` (the driver's ``getMore`` pages), encoded a chunk at a time and
-handed to the WSGI server by a generator, so the worker holds one batch at a
+result is streamed. The rows are read one minute bucket at a time by
+``_id`` (:func:`iter_readings`), encoded :data:`BATCH` rows a chunk and
+handed to the WSGI server by a generator, so the worker holds one chunk at a
 time whatever the size of the export. ``sensor-gateway export`` writes the same
 bytes to a file through :func:`chunks`.
 """
@@ -33,7 +33,7 @@ log = logging.getLogger("sensor_gateway.api.export")
 
 bp = APIBlueprint("export", __name__, tag="readings")
 
-BATCH = 1000  # documents per cursor batch, and rows per encoded chunk
+BATCH = 1000  # rows per encoded chunk
 FORMATS = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 CSV_COLUMNS = ("timestamp", "sensor_id", "kind", "value", "unit", "msg_id", "id")
 # What /readings leaves out of a reading document (see queries.find_readings).

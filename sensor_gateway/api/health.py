@@ -15,8 +15,8 @@ from flask import Response
 from sensor_gateway import cache, storage
 from sensor_gateway.api import metrics, schemas
 from sensor_gateway.api.errors import problem
+from sensor_gateway.api.responses import json_response
 from sensor_gateway.api.services import Services, services
-from sensor_gateway.api.views import json_response
 from sensor_gateway.config import Config
 from sensor_gateway.mqtt import make_client
 

@@ -11,8 +11,9 @@ from marshmallow import RAISE
 
 from sensor_gateway import queries
 from sensor_gateway.api import schemas
+from sensor_gateway.api.latest import latest_response
+from sensor_gateway.api.responses import json_response
 from sensor_gateway.api.services import services
-from sensor_gateway.api.views import json_response, latest_response
 from sensor_gateway.payload import SENSOR_ID_RE
 
 bp = APIBlueprint("sensors", __name__, tag="sensors")

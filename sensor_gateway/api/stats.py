@@ -8,10 +8,11 @@ from apiflask import APIBlueprint
 from flask import Response
 from marshmallow import RAISE
 
+from sensor_gateway import averages as avg
 from sensor_gateway import queries
 from sensor_gateway.api import schemas
+from sensor_gateway.api.responses import json_bytes, json_response
 from sensor_gateway.api.services import services
-from sensor_gateway.api.views import json_bytes, json_response
 
 bp = APIBlueprint("stats", __name__, tag="stats")
 
@@ -33,12 +34,12 @@ def averages(query_data: dict[str, Any]) -> Response:
         if "windows" in query_data
         else svc.cfg.ingest.stats_windows
     )
-    windows = queries.parse_windows(labels)
+    windows = avg.parse_windows(labels)
     sensor_id, kind = query_data.get("sensor_id"), query_data.get("kind")
     body, hit = svc.cached(
         "/stats/averages",
         {"w": [w.label for w in windows], "s": sensor_id, "k": kind},
-        lambda: json_bytes(queries.averages(svc.reader(), windows, sensor_id, kind)),
+        lambda: json_bytes(avg.averages(svc.reader(), windows, sensor_id, kind)),
     )
     return json_response(body, headers={"X-Cache": "hit" if hit else "miss"})
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""atheris target: the batch path, ``sensor_gateway.ingest.validate_batch``.
+"""atheris target: the batch path, ``sensor_gateway.ingest.validate.validate_batch``.
 
 Usage (``make fuzz`` runs it through ``tests/fuzz/run.py``):
     .venv/bin/python tests/fuzz/fuzz_batch.py [libFuzzer flags] WORK_DIR tests/fuzz/corpus/batch

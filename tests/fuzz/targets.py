@@ -10,7 +10,7 @@ default limits (packet id 0) and with ``topic_identity`` (packet id 65535).
 builds a batch of 1-16 messages (realistic or arbitrary topics; arbitrary
 bytes, readings built from fuzzed fields, or byte-mutated readings; some
 redelivered with the same packet id) and the limits, then runs
-``ingest.validate_batch``. Replaying it needs atheris (the provider is native),
+``ingest.validate.validate_batch``. Replaying it needs atheris (the provider is native),
 and what a batch input means depends on the code below: change it and the
 seeds in ``corpus/batch`` still run, as other batches.
 
@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sensor_gateway import ingest
+from sensor_gateway.ingest import receive, validate
 from sensor_gateway.payload import DEFAULT_LIMITS, Limits, dedupe_key, parse
 from tests.fuzz import contract
 
@@ -192,12 +192,12 @@ def _mutated(data: bytearray, fdp: Any) -> bytes:
     return bytes(data)
 
 
-def _message(fdp: Any, earlier: list[ingest.Incoming], received: datetime) -> ingest.Incoming:
+def _message(fdp: Any, earlier: list[receive.Incoming], received: datetime) -> receive.Incoming:
     how = fdp.ConsumeIntInRange(0, 5)
     if how == 0 and earlier:
         # A broker redelivery: same topic, payload and packet id, received later.
         m = fdp.PickValueInList(earlier)
-        return ingest.Incoming(m.mid, m.qos, m.topic, m.payload, received, 0.0, m.connection)
+        return receive.Incoming(m.mid, m.qos, m.topic, m.payload, received, 0.0, m.connection)
     topic = _topic(fdp)
     if how <= 1:
         payload = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96))
@@ -213,10 +213,10 @@ def _message(fdp: Any, earlier: list[ingest.Incoming], received: datetime) -> in
     if fdp.ConsumeIntInRange(0, 15) == 0:
         payload += b" " * fdp.ConsumeIntInRange(0, 17000)  # around the size limit
     mid = fdp.ConsumeIntInRange(1, 65535)
-    return ingest.Incoming(mid, 1, topic, payload, received, 0.0, fdp.ConsumeIntInRange(0, 1))
+    return receive.Incoming(mid, 1, topic, payload, received, 0.0, fdp.ConsumeIntInRange(0, 1))
 
 
-def make_batch(data: bytes) -> tuple[list[ingest.Incoming], Limits, int]:
+def make_batch(data: bytes) -> tuple[list[receive.Incoming], Limits, int]:
     import atheris  # the provider is native; replaying a batch input needs atheris
 
     fdp = atheris.FuzzedDataProvider(data)
@@ -226,7 +226,7 @@ def make_batch(data: bytes) -> tuple[list[ingest.Incoming], Limits, int]:
         topic_identity=fdp.ConsumeBool(),
     )
     keep = fdp.PickValueInList([1024, 0, 7])
-    batch: list[ingest.Incoming] = []
+    batch: list[receive.Incoming] = []
     received = NOW
     for _ in range(fdp.ConsumeIntInRange(1, 16)):
         received += timedelta(milliseconds=fdp.ConsumeIntInRange(0, 90_000))
@@ -234,8 +234,8 @@ def make_batch(data: bytes) -> tuple[list[ingest.Incoming], Limits, int]:
     return batch, limits, keep
 
 
-def check_batch(batch: list[ingest.Incoming], limits: Limits, keep: int) -> None:
-    out = ingest.validate_batch(batch, limits, keep)
+def check_batch(batch: list[receive.Incoming], limits: Limits, keep: int) -> None:
+    out = validate.validate_batch(batch, limits, keep)
     n = len(out.readings) + len(out.rejects) + out.duplicates
     assert n == len(batch), f"{len(batch)} messages became {n} (lost or made up)"
     topics = {m.topic for m in batch}

@@ -1,15 +1,10 @@
-"""Rolling averages on MQTT: the publisher beside the ingester, and the follower.
+"""The MQTT stats topic: its publisher beside the ingester, and its follower.
 
-:class:`StatsPublisher` is driven by the ingester's housekeeping
-(``maybe_publish``) every ``ingest.stats_interval_s``; it computes the
-averages over ``ingest.stats_windows`` from the per-minute rollups in a
-thread of its own (so a slow database never stalls ingestion) and publishes
-one JSON message, retained, to ``ingest.stats_topic``:
-
-    {"timestamp": "…Z", "windows": ["1m", "5m", "30m"],
-     "sensors": [{"sensor_id": "temp-1", "kind": "temperature",
-                  "avg_1min": 21.3, "avg_5min": 21.1, "avg_30min": 20.9,
-                  "count_1min": 60, "count_5min": 300, "count_30min": 1800}, …]}
+:class:`StatsPublisher` runs beside the ingester's loop, in a thread of its
+own: every ``ingest.stats_interval_s`` it computes the averages over
+``ingest.stats_windows`` (:func:`sensor_gateway.averages.as_message`), so a
+slow database never stalls ingestion, and publishes one JSON message,
+retained, to ``ingest.stats_topic``.
 
 :func:`follow` subscribes to that topic and prints each message as a table,
 like the stats subscriber of the system this replaces.
@@ -22,53 +17,34 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import paho.mqtt.client as mqtt
 from pymongo.database import Database
 
-from sensor_gateway import queries, storage
+from sensor_gateway import storage
+from sensor_gateway.averages import as_message, parse_windows
 from sensor_gateway.config import Config
-from sensor_gateway.model import iso
 from sensor_gateway.mqtt import make_client
 
-log = logging.getLogger("sensor_gateway.stats")
-
-
-def build_message(
-    db: Database, windows: list[queries.Window], now: datetime | None = None
-) -> dict[str, Any]:
-    now = now or datetime.now(UTC)
-    result = queries.averages(db, windows, now=now)
-    rows = []
-    for sensor_id, s in result["sensors"].items():
-        row: dict[str, Any] = {"sensor_id": sensor_id, "kind": s["kind"]}
-        for w in windows:
-            row[w.column] = s["windows"][w.label]["avg"]
-        for w in windows:
-            row[w.column.replace("avg_", "count_", 1)] = s["windows"][w.label]["count"]
-        rows.append(row)
-    return {"timestamp": iso(now), "windows": [w.label for w in windows], "sensors": rows}
+log = logging.getLogger(__name__)
 
 
 class StatsPublisher:
-    """Publishes averages every ``interval_s``; never blocks its caller."""
+    """Publishes averages every ``interval_s`` from a thread of its own, so a slow
+    database never stalls ingestion."""
 
     def __init__(
         self,
         cfg: Config,
         db: Database,
         publish: Callable[[str, bytes], Any],
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topic = cfg.ingest.stats_topic
         self.interval = cfg.ingest.stats_interval_s
-        self.windows = queries.parse_windows(cfg.ingest.stats_windows)
+        self.windows = parse_windows(cfg.ingest.stats_windows)
         self.db = db
         self._publish = publish
-        self._clock = clock
-        self._next = 0.0
         self._thread: threading.Thread | None = None
         self.published = 0
         self.errors = 0
@@ -79,20 +55,26 @@ class StatsPublisher:
         # piles up in paho's queue while the broker is away.
         return cls(cfg, db, lambda topic, payload: client.publish(topic, payload, 0, retain=True))
 
-    def maybe_publish(self) -> bool:
-        """Start a publication if one is due and none is running. Returns True if started."""
-        now = self._clock()
-        if now < self._next or (self._thread is not None and self._thread.is_alive()):
-            return False
-        self._next = now + self.interval
-        self._thread = threading.Thread(target=self.publish_now, name="stats", daemon=True)
+    def start(self, stop: threading.Event) -> None:
+        """Publish now and every ``interval_s`` until ``stop``, in a thread of its own."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.publish_now()
+                except Exception as exc:  # noqa: BLE001 - statistics never stop ingestion
+                    self.errors += 1
+                    log.warning("publishing statistics raised: %r", exc)
+                if stop.wait(self.interval):
+                    return
+
+        self._thread = threading.Thread(target=loop, name="stats", daemon=True)
         self._thread.start()
-        return True
 
     def publish_now(self) -> dict[str, Any] | None:
         try:
-            msg = build_message(self.db, self.windows)
-        except storage.Unavailable as exc:
+            msg = as_message(self.db, self.windows)
+        except storage.DatabaseError as exc:
             self.errors += 1
             log.warning("averages not published: MongoDB unavailable (%s)", exc)
             return None
@@ -118,7 +100,7 @@ def _fmt(v: Any) -> str:
 
 def format_table(msg: dict[str, Any]) -> str:
     """The averages of one message as a plain-text table (right-aligned numbers)."""
-    windows = [queries.Window(w, queries.parse_window(w)) for w in msg.get("windows", [])]
+    windows = parse_windows(msg.get("windows", []))
     headers = ["sensor_id", "kind"] + [w.column for w in windows]
     rows = [
         [_fmt(r.get("sensor_id")), _fmt(r.get("kind"))] + [_fmt(r.get(w.column)) for w in windows]

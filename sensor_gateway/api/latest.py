@@ -1,31 +1,14 @@
-"""Shared pieces of the views: fast JSON responses and latest-N lookups."""
+"""The newest readings, from Redis when it has them, else MongoDB: shared by the
+native routes, the compatibility routes and the dashboard."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 from apiflask import abort
 from flask import Response
 
 from sensor_gateway import queries
+from sensor_gateway.api.responses import json_bytes, json_response
 from sensor_gateway.api.services import Services
-
-_encode = msgspec.json.Encoder().encode
-
-
-def json_bytes(obj: Any) -> bytes:
-    return _encode(obj)
-
-
-def json_response(
-    obj: Any | bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    body = obj if isinstance(obj, bytes) else _encode(obj)
-    resp = Response(body, status=status, mimetype="application/json")
-    if headers:
-        resp.headers.update(headers)
-    return resp
 
 
 def latest_fragments(
@@ -48,7 +31,7 @@ def latest_fragments(
         docs = queries.latest(svc.reader(), n, name=name)
     else:
         docs = queries.latest(svc.reader(), n, sensor_id=sensor_id)
-    return [_encode(d).decode() for d in docs], "mongodb"
+    return [json_bytes(d).decode() for d in docs], "mongodb"
 
 
 def latest_response(
