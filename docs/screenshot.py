@@ -3,14 +3,15 @@
     .venv/bin/python docs/screenshot.py        # writes docs/dashboard.png and docs/sensor.png
 
 Starts the local services, writes a day of history for the simulator's
-sensors (insert_many, then `sensor-gateway rebuild-rollups`, as after a
-restore), runs the ingester and the simulator for a few seconds so that the
+sensors (through the payload contract and the storage layer's writer, as
+the ingester stores them), runs the ingester and the simulator for a few seconds so that the
 latest readings are live, then `sensor-gateway api`, and photographs ``/``
 and ``/sensor/temp-1`` at 1200x760.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -26,13 +27,19 @@ import tomli_w
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devstack.ports import free_port, wait_port  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
 from sensor_gateway import config, storage  # noqa: E402
-from sensor_gateway.localstack import Stack, free_port, wait_port  # noqa: E402
+from sensor_gateway.model import iso  # noqa: E402
+from sensor_gateway.payload import Limits, Reject, parse  # noqa: E402
+from sensor_gateway.writer import Writer  # noqa: E402
 
 CHROMIUM = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 
-def history(cfg: config.Config, hours: int = 24, step_s: int = 60) -> datetime:
+def history(cfg: config.Config, hours: int = 24, step_s: int = 60) -> None:
+    """A day of readings, through the payload contract and the storage layer's
+    writer (as the ingester stores them), summaries included."""
     rng = random.Random(3)
     now = datetime.now(UTC).replace(microsecond=0)
     start = now - timedelta(hours=hours)
@@ -46,20 +53,16 @@ def history(cfg: config.Config, hours: int = 24, step_s: int = 60) -> datetime:
             ("status", "status", "", float(min(6, int(abs(rng.gauss(0, 2)))))),
             ("random-1", "random", "", float(rng.randint(1, 100))),
         ):
-            docs.append(
-                {
-                    "_id": f"h-{sid}-{i}",
-                    "sensor_id": sid,
-                    "kind": kind,
-                    "value": round(value, 2),
-                    "unit": unit,
-                    "ts": ts,
-                    "received_at": ts,
-                    "topic": f"sensors/{kind}",
-                }
-            )
-    storage.connect(cfg)[storage.READINGS].insert_many(docs, ordered=False)
-    return start
+            body = {"sensor_id": sid, "value": round(value, 2), "timestamp": iso(ts)}
+            if unit:
+                body["unit"] = unit
+            doc = parse(f"sensors/{kind}", json.dumps(body).encode(), ts, Limits(), 0)
+            assert not isinstance(doc, Reject), doc
+            docs.append(doc)
+    db = storage.connect(cfg)
+    storage.prepare(db, cfg)
+    out = Writer(db).write(docs)
+    assert not out.refused, out.refused[:1]
 
 
 def main() -> None:
@@ -77,13 +80,12 @@ def main() -> None:
         cfg_path = root / "gateway.toml"
         cfg_path.write_text(tomli_w.dumps(data))
         cfg = config.build(data)
-        since = history(cfg)
+        history(cfg)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
 
         def cmd(*args: str) -> list[str]:
             return [sys.executable, "-m", "sensor_gateway", "-c", str(cfg_path), *args]
 
-        subprocess.run(cmd("rebuild-rollups", "--since", since.isoformat()), env=env, check=True)
         log = open(root / "daemons.log", "wb")  # noqa: SIM115
         for args in (("ingest",), ("api",)):
             procs.append(subprocess.Popen(cmd(*args), env=env, stdout=log, stderr=log))

@@ -1,4 +1,5 @@
-"""The reading contract (DESIGN.md): what is stored, what is rejected and why."""
+"""The payload contract (docs/ARCHITECTURE.md, "The payload contract"): what is stored,
+what is rejected and why."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def test_control_characters_in_a_topic_are_a_reject() -> None:
     assert "topic has a control" in rejected("sensors/t/x\x01", b'{"value": 1}')
 
 
-# -- the dedupe key (DESIGN.md, "Delivery guarantee") --------------------------------
+# -- the dedupe key (docs/ARCHITECTURE.md, "The dedupe key") -------------------------
 
 
 def test_redelivery_has_the_same_key() -> None:

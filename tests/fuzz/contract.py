@@ -19,7 +19,7 @@ from bson.codec_options import CodecOptions
 from sensor_gateway import cache, layout, model
 from sensor_gateway.payload import SENSOR_ID_RE, Reject
 
-# DESIGN.md, "The reading contract": 1-64 characters [A-Za-z0-9_.:-], the whole
+# docs/ARCHITECTURE.md, "The payload contract": 1-64 characters [A-Za-z0-9_.:-], the whole
 # string (``re.fullmatch``: a ``$`` would also accept a trailing newline).
 IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 NOW = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=UTC)
