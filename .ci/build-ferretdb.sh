@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# Builds FerretDB 1.24.2 (a MongoDB-wire server; SQLite backend) into $1 (default .cache/bin).
-# `go install …@v1.24.2` alone panics at start-up: the module lacks the
+# Builds FerretDB (a MongoDB-wire server; SQLite backend) into $1 (default .cache/bin).
+# The version is the deployment's: mongodb_ferretdb_version in
+# deploy/ansible/roles/mongodb/defaults/main.yml, its one place
+# (`.ci/build-ferretdb.sh --print-version` prints it; tests/test_versions.py).
+# `go install …@vX.Y.Z` alone panics at start-up: the module lacks the
 # build/version/version.txt its release builds generate, so we build from a
 # copy of the module source with that file written.
 set -euo pipefail
-VERSION=v1.24.2
-DEST=${1:-$(cd "$(dirname "$0")/.." && pwd)/.cache/bin}
-if [ -x "$DEST/ferretdb" ] && "$DEST/ferretdb" --version 2>/dev/null | grep -q "${VERSION}"; then
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DEFAULTS="$ROOT/deploy/ansible/roles/mongodb/defaults/main.yml"
+VERSION=v$(sed -nE 's/^mongodb_ferretdb_version:[[:space:]]*"?([0-9]+\.[0-9]+\.[0-9]+)"?[[:space:]]*$/\1/p' "$DEFAULTS")
+if [ "$VERSION" = v ]; then
+  echo "build-ferretdb: no mongodb_ferretdb_version: \"X.Y.Z\" line in $DEFAULTS" >&2
+  exit 1
+fi
+if [ "${1:-}" = --print-version ]; then
+  echo "$VERSION"
+  exit 0
+fi
+DEST=${1:-$ROOT/.cache/bin}
+# A binary for another architecture (GOARCH=arm64 ...) cannot run here to say its version.
+native=yes
+if command -v go >/dev/null && [ "$(go env GOARCH)" != "$(go env GOHOSTARCH)" ]; then
+  native=no
+fi
+if [ "$native" = yes ] && [ -x "$DEST/ferretdb" ] \
+   && "$DEST/ferretdb" --version 2>/dev/null | grep -qx "version: ${VERSION}"; then
   exit 0
 fi
 command -v go >/dev/null || { echo "go is needed to build FerretDB (apt-get install golang-go)" >&2; exit 1; }
@@ -21,4 +40,8 @@ cd ferretdb-src
 echo "${VERSION}" > build/version/version.txt
 mkdir -p "$DEST"
 CGO_ENABLED=0 go build -trimpath -o "$DEST/ferretdb" ./cmd/ferretdb
-"$DEST/ferretdb" --version | head -1
+if [ "$native" = yes ]; then
+  "$DEST/ferretdb" --version | head -1
+else
+  echo "FerretDB ${VERSION} for $(go env GOOS)/$(go env GOARCH) in $DEST/ferretdb"
+fi

@@ -2,7 +2,9 @@
 
 - the mongodb role's engine ``auto`` picks MongoDB on amd64 with AVX and on
   ARMv8.2-A (Pi 5), FerretDB on a Pi 4, armv7 and amd64 without AVX;
-- ``ansible-lint --profile production`` passes.
+- ``ansible-lint --profile production`` passes;
+- every ``Documentation=`` of the units names a file the sensor_gateway role
+  installs from this checkout (make e2e checks they are on the host).
 Skipped when the ``deploy`` extra (ansible, ansible-lint) is not installed.
 """
 
@@ -51,6 +53,23 @@ def test_engine_auto_choice() -> None:
         "pi4": "ferretdb",
         "pi3-armv7": "ferretdb",
     }
+
+
+def test_units_documentation_is_what_the_role_installs() -> None:
+    import yaml
+
+    role_vars = yaml.safe_load((ANSIBLE_DIR / "roles/sensor_gateway/vars/main.yml").read_text())
+    doc_dir, docs = role_vars["sensor_gateway_doc_dir"], role_vars["sensor_gateway_docs"]
+    installed = {f"file://{doc_dir}/{Path(d).name}": d for d in docs}
+    named = set()
+    for unit in sorted((REPO / "systemd").glob("sensor-*")):
+        urls = re.findall(r"^Documentation=(.*)$", unit.read_text(), re.M)
+        assert urls, f"{unit.name} has no Documentation="
+        for url in " ".join(urls).split():
+            assert url in installed, f"{unit.name}: {url} is not installed by the role ({docs})"
+            named.add(url)
+    for url in named:
+        assert (REPO / installed[url]).is_file(), f"{installed[url]} is missing from the checkout"
 
 
 def test_ansible_lint_production() -> None:

@@ -16,6 +16,15 @@ checkout. Then, in order:
 - a token made and revoked on the host with ``sensor-gateway token`` works,
   then is refused, without restarting the API;
 - anonymous MQTT is refused, and the ACL holds;
+- no file under /etc (nor /opt, /usr/local, /var, /root, /home, /srv, /tmp,
+  /boot) holds any generated secret in clear, except the gateway's own
+  credential files (root:root 0600), also after files earlier versions of the
+  roles left (``/etc/mosquitto/passwd.plain``, ``/etc/ferretdb/ferretdb.env``)
+  were planted before the first run; Redis takes the password it only has the
+  SHA-256 of;
+- every unit's ``Documentation=`` names a file installed on the host;
+- the page-size pre-flight (roles/page_size) leaves this x86_64 host alone
+  (its ARM cases: test_page_size.py);
 - ``journalctl -u sensor-ingest`` shows the daemon's own lines;
 - a second run of the playbook reports ``changed=0``;
 - after powering the container off and booting the same tree again, the
@@ -31,7 +40,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
@@ -42,6 +53,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.ansible_run import (
+    ROOTFS_PACKAGES,
+    PlaybookRun,
+    boot_container,
+    cleaned_up,
+    fresh_root,
+    run_playbook,
+)
 from tests.e2e.conftest import NOTES, TIMINGS
 from tests.systemd import nspawn
 from tests.systemd.nspawn import Container, VethNet
@@ -50,16 +69,25 @@ from tests.test_api_auth import self_signed
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-ANSIBLE_DIR = REPO / "deploy" / "ansible"
-VENV_BIN = Path(sys.executable).parent
 NAME = "sge2e"  # matches inventory/test-container.yml
 NET = VethNet(os.environ.get("SG_E2E_NET", "10.213.7.0"))
-# A minimal bookworm: what the playbook needs to start (python3 for Ansible's
-# modules); everything else it installs itself.
-ROOTFS_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "ca-certificates", "iproute2")
 DEP_WHEELS = REPO / ".cache" / "e2e-wheelhouse"
 BACKENDS = ("mosquitto", "redis-server", "ferretdb")
 API_PORT = 8000
+GATEWAY_UNITS = ("sensor-ingest.service", "sensor-api.service", "sensor-simulator.service")
+# What must hold a secret in clear on the host: the gateway's credential files,
+# handed to the services by systemd (LoadCredential=), root:root 0600 each.
+CREDENTIALS = "/etc/sensor-gateway/credentials"
+GATEWAY_SECRETS = (
+    "mongodb-password",
+    "redis-password",
+    "mqtt-ingest-password",
+    "mqtt-simulator-password",
+    "mqtt-api-password",
+)
+# Where the clear-text search looks (grep -r): configuration, the package, state,
+# logs and the journal, home folders, temporary files, the boot folder.
+SEARCHED = ("/etc", "/opt", "/usr/local", "/var", "/root", "/home", "/srv", "/tmp", "/boot")
 
 
 # Reads the database as the gateway does (its venv, its credentials).
@@ -100,6 +128,7 @@ class Deployment:
     container: Container | None = None
     boots: int = 0
     notes: dict = field(default_factory=dict)
+    runs: dict[str, PlaybookRun] = field(default_factory=dict)
 
     @property
     def c(self) -> Container:
@@ -109,21 +138,9 @@ class Deployment:
     def boot(self) -> Container:
         t0 = time.monotonic()
         self.boots += 1
-        c = Container(
-            NAME,
-            self.root,
-            copy=False,
-            workdir=self.work / f"boot{self.boots}",
-            network="veth",
-            veth=NET,
-            nat=True,
+        c = boot_container(
+            NAME, self.root, self.work / f"boot{self.boots}", network="veth", veth=NET, nat=True
         )
-        (self.work / f"boot{self.boots}").mkdir(exist_ok=True)
-        try:
-            c.boot()
-        except BaseException:
-            c.stop()
-            raise
         self.container = c
         TIMINGS[f"boot #{self.boots}"] = time.monotonic() - t0
         return c
@@ -135,42 +152,62 @@ class Deployment:
 
     def playbook(self, label: str) -> tuple[str, dict[str, int]]:
         t0 = time.monotonic()
-        env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_FORCE_COLOR": "0",
-            # Per-task timings in the playbook logs.
-            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
-            "SG_E2E_PID": str(self.c.leader),
-            "SG_WHEELHOUSE": str(self.wheelhouse),
-            "SG_FERRETDB_BINARY": str(ferretdb_binary()),
-            "SG_E2E_TLS_CERT": str(self.tls[0]),
-            "SG_E2E_TLS_KEY": str(self.tls[1]),
-        }
-        cmd = [
-            str(VENV_BIN / "ansible-playbook"),
-            "-i",
-            "inventory/test-container.yml",
+        run = run_playbook(
+            self.c.leader,
+            self.work,
+            label,
             "-e",
             f"gateway_secrets_dir={self.secrets}",
-            "site.yml",
-        ]
-        r = subprocess.run(
-            cmd, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=900
+            # The units and docs from the snapshot the wheel was built from, so that
+            # edits to the checkout during the run do not count as changes.
+            "-e",
+            f"sensor_gateway_units_src={self.wheelhouse.parent / 'src' / 'systemd'}",
+            "-e",
+            f"sensor_gateway_docs_src={self.wheelhouse.parent / 'src'}",
+            env={
+                "SG_WHEELHOUSE": str(self.wheelhouse),
+                "SG_FERRETDB_BINARY": str(ferretdb_binary()),
+                "SG_E2E_TLS_CERT": str(self.tls[0]),
+                "SG_E2E_TLS_KEY": str(self.tls[1]),
+            },
         )
-        out = r.stdout + r.stderr
-        (self.work / f"playbook-{label}.log").write_text(out)
         TIMINGS[f"playbook ({label})"] = time.monotonic() - t0
-        m = re.search(
-            rf"^{NAME}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", out, re.M
-        )
-        assert r.returncode == 0 and m, f"playbook ({label}) failed:\n{out[-6000:]}"
-        recap = dict(
-            zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups()), strict=True)
-        )
-        return out, recap
+        recap = run.recap()
+        assert run.returncode == 0 and recap, f"playbook ({label}) failed:\n{run.out[-6000:]}"
+        self.runs[label] = run
+        return run.out, recap
+
+    def generated_secrets(self) -> dict[str, str]:
+        """Every secret the play generated on the controller, by file name
+        (group_vars' passwords, the API token, the per-device broker password)."""
+        found = {}
+        for p in sorted(self.secrets.rglob("*")):
+            if p.is_file():
+                # ansible.builtin.password's file: the password, maybe " salt=..." after it.
+                value = p.read_text().strip().split(" salt=")[0].split(" ident=")[0]
+                found[str(p.relative_to(self.secrets))] = value
+        return found
+
+    def plant_earlier_leftovers(self) -> None:
+        """Before the first run: the clear-text files earlier versions of the roles
+        left on a host, with the passwords this deployment is about to use."""
+        self.secrets.mkdir(parents=True, exist_ok=True)
+        alphabet = string.ascii_letters + string.digits
+        values = {}
+        for name in ("mqtt-ingest-password", "mongodb-password"):
+            values[name] = "".join(secrets.choice(alphabet) for _ in range(32))
+            path = self.secrets / name
+            path.write_text(values[name])
+            path.chmod(0o600)
+        ingest, mongodb = values["mqtt-ingest-password"], values["mongodb-password"]
+        for inner, text in (
+            ("/etc/mosquitto/passwd.plain", f"sensor-ingest:{ingest}\n"),
+            ("/etc/ferretdb/ferretdb.env", f"FERRETDB_SETUP_PASSWORD={mongodb}\n"),
+        ):
+            host = self.root / inner.lstrip("/")
+            host.parent.mkdir(parents=True, exist_ok=True)
+            host.write_text(text)
+            host.chmod(0o600)
 
     def db(self, *ids: str) -> dict:
         r = self.c.run("/opt/sensor-gateway/venv/bin/python", "-c", DB_PROBE, *ids, check=False)
@@ -280,8 +317,7 @@ def dep() -> Iterator[Deployment]:
     TIMINGS["wheelhouse"] = time.monotonic() - t0
 
     t0 = time.monotonic()
-    root = work / "root"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(root)], check=True)
+    root = fresh_root(rootfs, work)
     TIMINGS["fresh copy of the rootfs"] = time.monotonic() - t0
 
     d = Deployment(
@@ -292,25 +328,90 @@ def dep() -> Iterator[Deployment]:
         tls=self_signed(work / "tls", NET.container),
     )
     print(f"\ne2e work folder: {work}")
-    try:
+    d.plant_earlier_leftovers()
+    with cleaned_up(d, work):
         d.boot()
         _, recap = d.playbook("first run")
         d.notes["first_recap"] = recap
         d.notes["deployed_at"] = time.monotonic()
         yield d
-    finally:
-        d.power_off()
-        if os.environ.get("SG_KEEP_CONTAINER"):
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        TIMINGS["total"] = time.monotonic() - t_all
+    TIMINGS["total"] = time.monotonic() - t_all
 
 
 def test_first_run_converges(dep: Deployment) -> None:
     recap = dep.notes["first_recap"]
     assert recap["failed"] == 0 and recap["unreachable"] == 0
     assert recap["changed"] > 0
+    # The page-size pre-flight reads nothing on x86_64 (4 KiB pages always).
+    run = dep.runs["first run"]
+    assert run.task_status("page_size : Read the memory page size") == "skipping", run.out[:3000]
+
+
+def test_units_documentation_is_installed(dep: Deployment) -> None:
+    """Each unit's Documentation= names files (file://) the role installed."""
+    seen = {}
+    for unit in (*GATEWAY_UNITS, "sensor-gateway.target"):
+        urls = dep.c.run("systemctl", "show", "-p", "Documentation", "--value", unit).stdout.split()
+        assert urls, f"{unit} has no Documentation="
+        for url in urls:
+            assert url.startswith("file:///"), f"{unit}: {url} is not a file on the host"
+            path = url.removeprefix("file://")
+            size = dep.c.run("stat", "-c", "%s %U:%G %a", path, check=False)
+            assert size.returncode == 0, f"{unit}: Documentation= {path} is not on the host"
+            nbytes, owner, mode = size.stdout.split()
+            assert int(nbytes) > 0 and owner == "root:root" and mode == "644", (path, size.stdout)
+            seen[path] = nbytes
+    NOTES.append(f"Documentation= targets on the host: {seen}")
+
+
+def test_no_clear_text_secret_on_the_host(dep: Deployment) -> None:
+    """No generated secret is in clear in any file, but the credentials that must be."""
+    generated = dep.generated_secrets()
+    assert set(GATEWAY_SECRETS) <= set(generated), generated.keys()
+    assert any(k.startswith("api-token-") for k in generated)
+    assert any(k.startswith("mqtt-devices/") for k in generated)
+    # The leftovers planted before the first run are gone.
+    for leftover in ("/etc/mosquitto/passwd.plain", "/etc/ferretdb/ferretdb.env"):
+        assert dep.c.run("test", "-e", leftover, check=False).returncode != 0, leftover
+    # FerretDB's first-start setup file has served and is gone too.
+    assert dep.c.run("test", "-e", "/etc/ferretdb/setup.env", check=False).returncode != 0
+
+    allowed = {f"{CREDENTIALS}/{name}": name for name in GATEWAY_SECRETS}
+    assert all(generated.values())
+    patterns = "".join(f"{value}\n" for value in generated.values())
+    r = dep.c.run("grep", "-rlF", "-f", "-", *SEARCHED, input=patterns, check=False, timeout=300)
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    holders: dict[str, list[str]] = {}
+    for path in r.stdout.splitlines():
+        content = dep.c.host_path(path).read_bytes()
+        holders[path] = [n for n, v in generated.items() if v.encode() in content]
+    unexpected = {p: names for p, names in holders.items() if allowed.get(p) not in names}
+    assert not unexpected, f"secrets in clear on the host: {unexpected}"
+    # Each credential holds its own secret, root only.
+    for path, name in allowed.items():
+        assert holders.get(path) == [name], (path, holders.get(path))
+        assert dep.c.run("stat", "-c", "%U:%G %a", path).stdout.split() == ["root:root", "600"]
+    assert dep.c.run("stat", "-c", "%U:%G %a", CREDENTIALS).stdout.split() == ["root:root", "700"]
+    NOTES.append(
+        f"clear-text search: {len(generated)} secrets over {' '.join(SEARCHED)}; "
+        f"found only in {len(allowed)} credential files (root:root 0600)"
+    )
+
+    # The broker's file holds hashes; Redis only the password's SHA-256, and takes it.
+    passwd = dep.c.run("cat", "/etc/mosquitto/passwd").stdout
+    assert re.search(r"^sensor-ingest:\$7\$\d+\$", passwd, re.M), passwd
+    redis_conf = dep.c.run("cat", "/etc/redis/redis.conf").stdout
+    assert not re.search(r"^\s*requirepass\b", redis_conf, re.M), redis_conf
+    assert re.search(r"^user default on #[0-9a-f]{64} ", redis_conf, re.M), redis_conf
+    cli = ("redis-cli", "--no-auth-warning")
+    pw = generated["redis-password"]
+    assert dep.c.run(*cli, "-a", pw, "ping").stdout.strip() == "PONG"
+    assert "NOAUTH" in dep.c.run(*cli, "ping", check=False).stdout
+    wrong = dep.c.run(*cli, "-a", "wrong-" + pw, "ping", check=False)
+    assert "WRONGPASS" in wrong.stdout + wrong.stderr, wrong
+    # ... and the gateway authenticates with it: the ingester keeps its keys there.
+    keys = dep.c.run(*cli, "-a", pw, "--scan", "--pattern", "sg:*").stdout.split()
+    assert keys, "the gateway wrote nothing to Redis"
 
 
 def test_every_service_active(dep: Deployment) -> None:
@@ -435,9 +536,9 @@ def test_ferretdb_reads_by_id_are_indexed(dep: Deployment) -> None:
 
 
 def test_second_run_changes_nothing(dep: Deployment) -> None:
-    out, recap = dep.playbook("second run")
+    _, recap = dep.playbook("second run")
     NOTES.append(f"second playbook run: {recap}")
-    changed = re.findall(r"^TASK \[([^\]]*)\][^\n]*\nchanged", out, re.M)
+    changed = dep.runs["second run"].changed_tasks()
     assert recap["changed"] == 0, f"second run changed {recap['changed']} task(s): {changed}"
 
 
