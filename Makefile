@@ -1,5 +1,6 @@
 # sensor-gateway: the commands README.md documents.
 #   make run          the whole pipeline locally (broker, databases, three daemons), data in ./var
+#                     (RUN_DATA=; ports MQTT_PORT=, REDIS_PORT=, MONGODB_PORT=, API_PORT=)
 #   make test         the default test suite (real services on loopback)
 #   make test-systemd the units inside a real systemd (systemd-nspawn container)
 #   make e2e          Ansible deployment into a fresh container, end to end
@@ -22,8 +23,10 @@ deps-systemd:
 deps-deploy:
 	.ci/install-deps.sh base deploy
 
+# devstack/ is the repository's tooling, never installed: python -m from here.
+RUN_DATA ?= var
 run: deps
-	$(PY) -m sensor_gateway.localrun
+	$(PY) -m devstack.run --data $(RUN_DATA)
 
 test: deps
 	$(PY) -m pytest
@@ -52,8 +55,8 @@ fuzz: deps
 	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 lint: deps-deploy
-	.venv/bin/ruff check sensor_gateway tests bench config
-	.venv/bin/ruff format --check sensor_gateway tests bench config
+	.venv/bin/ruff check sensor_gateway devstack tests bench config docs
+	.venv/bin/ruff format --check sensor_gateway devstack tests bench config docs
 	cd deploy/ansible && ../../.venv/bin/ansible-lint --profile production site.yml
 
 clean:

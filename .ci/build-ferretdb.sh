@@ -24,9 +24,13 @@ native=yes
 if command -v go >/dev/null && [ "$(go env GOARCH)" != "$(go env GOHOSTARCH)" ]; then
   native=no
 fi
-if [ "$native" = yes ] && [ -x "$DEST/ferretdb" ] \
-   && "$DEST/ferretdb" --version 2>/dev/null | grep -qx "version: ${VERSION}"; then
-  exit 0
+# Output captured and matched without a pipe: a `grep -q` that stops reading
+# early kills the writer with SIGPIPE, which pipefail reports as a failure.
+if [ "$native" = yes ] && [ -x "$DEST/ferretdb" ]; then
+  have=$'\n'$("$DEST/ferretdb" --version 2>/dev/null || true)$'\n'
+  if [[ $have == *$'\n'"version: ${VERSION}"$'\n'* ]]; then
+    exit 0
+  fi
 fi
 command -v go >/dev/null || { echo "go is needed to build FerretDB (apt-get install golang-go)" >&2; exit 1; }
 work=$(mktemp -d)
@@ -41,7 +45,8 @@ echo "${VERSION}" > build/version/version.txt
 mkdir -p "$DEST"
 CGO_ENABLED=0 go build -trimpath -o "$DEST/ferretdb" ./cmd/ferretdb
 if [ "$native" = yes ]; then
-  "$DEST/ferretdb" --version | head -1
+  have=$("$DEST/ferretdb" --version)
+  echo "${have%%$'\n'*}"
 else
   echo "FerretDB ${VERSION} for $(go env GOOS)/$(go env GOARCH) in $DEST/ferretdb"
 fi

@@ -4,7 +4,7 @@
         [--duration 10] [--rounds 3] [--connections 8] [--requests 100]
         [--skip-flat] [--keep DIR]
 
-Starts the local services (sensor_gateway.localstack.Stack) and fills the
+Starts the local services (devstack.stack.Stack) and fills the
 database quickly through the storage layer's own bulk writer
 (``sensor_gateway.writer.Writer``, w=1 without journaling: a fixture, not the
 ingest path): ``--readings`` readings of 100 sensors ``s0``..``s99`` at 1 Hz
@@ -104,8 +104,9 @@ from pymongo.write_concern import WriteConcern
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sensor_gateway import cache, config, layout, queries, storage  # noqa: E402
-from sensor_gateway.localstack import Stack, free_port, wait_port  # noqa: E402
+from devstack.ports import free_port, wait_port  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
+from sensor_gateway import averages, cache, config, layout, queries, storage  # noqa: E402
 from sensor_gateway.model import iso  # noqa: E402
 from sensor_gateway.writer import Writer  # noqa: E402
 
@@ -686,15 +687,15 @@ def docs_read(cfg: config.Config, n: int, band: float) -> dict[str, Any]:
         start = random_window(rng, span_s, 86400) + timedelta(microseconds=rng.randrange(1, US))
         queries.status_counts(r, start, start + timedelta(days=1))
 
-    def averages(r: queries.Reader) -> None:
-        queries.averages(r, queries.parse_windows(["1m", "5m", "30m"]))
+    def rolling(r: queries.Reader) -> None:
+        averages.averages(r, averages.parse_windows(["1m", "5m", "30m"]))
 
     out = {
         "range_1h_docs": median(page(1)),
         "range_24h_docs": median(page(24)),
         "value_range_docs": median(values),
         "status_counts_24h_docs": median(counts),
-        "averages_docs": median(averages),
+        "averages_docs": median(rolling),
     }
     db.client.close()
     log(f"documents read per request: {out}")

@@ -4,7 +4,7 @@
         [--settings interval_10,interval_1,changes_100,...] [--parallel 2] [--seed N]
         [--dir /var/tmp]
 
-For each persistence setting a real Mosquitto (sensor_gateway.localstack's
+For each persistence setting a real Mosquitto (devstack.stack's
 ``Mosquitto``, configured by config/mosquitto/sensor-gateway.conf with the
 setting under test appended) runs on a free loopback port, with its store on
 disk (``--dir``, default /var/tmp: not a tmpfs). Two scenarios run side by
@@ -61,7 +61,7 @@ from paho.mqtt.properties import Properties
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sensor_gateway.localstack import Mosquitto  # noqa: E402
+from devstack.stack import Mosquitto  # noqa: E402
 
 # Candidate settings: lines appended to the broker configuration (the last
 # occurrence of a Mosquitto option wins).

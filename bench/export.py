@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/export.py [--readings 1000000] [--format csv] [--keep DIR]
 
-Starts the local services (sensor_gateway.localstack.Stack), loads the readings
+Starts the local services (devstack.stack.Stack), loads the readings
 through the storage layer's writer (bench/api.py's fixture, not MQTT),
 runs `sensor-gateway api` (gunicorn, one gthread worker), warms the worker up
 with a small export, then streams ``GET /readings/export?format=csv`` of the
@@ -33,8 +33,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from api import fill, log  # noqa: E402
 
+from devstack.ports import free_port, wait_port  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
 from sensor_gateway import config  # noqa: E402
-from sensor_gateway.localstack import Stack, free_port, wait_port  # noqa: E402
 
 MB = 1024 * 1024
 

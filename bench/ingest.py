@@ -39,8 +39,8 @@ import tomli_w
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devstack.stack import Stack  # noqa: E402
 from sensor_gateway import cache, config, storage  # noqa: E402
-from sensor_gateway.localstack import Stack  # noqa: E402
 from sensor_gateway.mqtt import make_client, session_properties  # noqa: E402
 
 TOPIC = "sensors/#"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from sensor_gateway.localstack import Stack
+from devstack.stack import Stack
 from tests.helpers import Gateway, wait_for
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sensor_gateway.localstack import Stack
+from devstack.stack import Stack
 from tests.helpers import Gateway
 
 

@@ -16,9 +16,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import tomli_w
 
+from devstack import REPO
+from devstack.stack import Stack
 from sensor_gateway import cache, config, storage
 from sensor_gateway.ingest import Ingester
-from sensor_gateway.localstack import REPO, Stack
 from sensor_gateway.mqtt import make_client
 from sensor_gateway.simulator import Simulator
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from sensor_gateway import queries
+from devstack.stack import Stack
+from sensor_gateway import averages
 from sensor_gateway.api import create_app
-from sensor_gateway.localstack import Stack
 from tests.api_helpers import (
     api_gateway,
     iso,
@@ -275,9 +275,9 @@ def test_averages_from_summaries(gw: Gateway, client: FlaskClient) -> None:
         [{"sensor_id": sid, "value": v, "timestamp": ts, "kind": "avgkind"} for ts, v in pts],
     )
     # The summaries are set right after the buckets, in the same write.
-    two_hours = queries.parse_windows(["2h"])
+    two_hours = averages.parse_windows(["2h"])
     wait_for(
-        lambda: queries.averages(gw.db, two_hours, sensor_id=sid)["overall"]["2h"]["count"] == 5,
+        lambda: averages.averages(gw.db, two_hours, sensor_id=sid)["overall"]["2h"]["count"] == 5,
         10,
         what="the summaries",
     )

@@ -31,10 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from flask.testing import FlaskClient
 
+from devstack import REPO
+from devstack.stack import Stack
 from sensor_gateway import tokens
 from sensor_gateway.api import create_app
 from sensor_gateway.config import ConfigError, build
-from sensor_gateway.localstack import REPO, Stack
 from tests.api_helpers import free_port, wait_http
 from tests.helpers import Gateway, NotifySocket, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sensor_gateway.localstack import Stack
+from devstack.stack import Stack
 from tests.api_helpers import free_port, now_utc, publish_readings, series, wait_http
 from tests.helpers import Gateway, NotifySocket, wait_for
 

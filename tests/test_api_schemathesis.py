@@ -18,8 +18,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from devstack.stack import Stack
 from sensor_gateway.api import create_app
-from sensor_gateway.localstack import Stack
 from tests.api_helpers import now_utc, publish_readings, series
 from tests.helpers import Gateway
 

@@ -23,7 +23,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from sensor_gateway.localstack import REPO, Mosquitto
+from devstack import REPO
+from devstack.stack import Mosquitto
 
 yaml = pytest.importorskip("yaml")
 

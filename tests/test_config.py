@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack import REPO
 from sensor_gateway import config
-from sensor_gateway.localstack import REPO
 
 
 def test_example_config_is_valid() -> None:

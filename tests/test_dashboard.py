@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+from devstack.stack import Stack
 from sensor_gateway import tokens
 from sensor_gateway.api import create_app, session
-from sensor_gateway.localstack import Stack
 from tests.api_helpers import api_gateway, now_utc, publish_readings, series
 from tests.helpers import Gateway
 

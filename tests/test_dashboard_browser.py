@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from devstack.stack import Stack
 from sensor_gateway import tokens
-from sensor_gateway.localstack import Stack
 from tests.api_helpers import free_port, iso, now_utc, publish_readings, wait_http
 from tests.helpers import Gateway
 

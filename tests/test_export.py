@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+from devstack import REPO
+from devstack.stack import Stack
 from sensor_gateway import tokens
 from sensor_gateway.api import create_app, export
-from sensor_gateway.localstack import REPO, Stack
 from tests.api_helpers import api_gateway, iso, publish_readings, series
 from tests.helpers import Gateway
 

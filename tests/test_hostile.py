@@ -22,9 +22,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from bson import ObjectId
 
+from devstack.stack import Stack
 from sensor_gateway import layout, queries, storage
-from sensor_gateway.ingest import EXIT_PERMANENT, PACKET_OVERHEAD, Incoming, Ingester, Validated
-from sensor_gateway.localstack import Stack
+from sensor_gateway.ingest import EXIT_PERMANENT, Ingester
+from sensor_gateway.ingest.receive import PACKET_OVERHEAD, Incoming
+from sensor_gateway.ingest.validate import Validated
 from sensor_gateway.mqtt import make_client
 from sensor_gateway.writer import Writer
 from tests.helpers import Gateway, wait_for
@@ -113,12 +115,12 @@ def _reading(key: str, sensor_id: str = "s", value: object = 1.0) -> dict:
 
 
 def _write_within(ing: Ingester, v: Validated, seconds: float = 15.0) -> list[dict]:
-    """Ingester.write, stopped after ``seconds`` (it retries what it holds until
+    """The write stage (BatchStore.write), stopped after ``seconds`` (it retries what it holds until
     stopped, and then raises the last error)."""
     timer = threading.Timer(seconds, ing.stop_event.set)
     timer.start()
     try:
-        return ing.write(v)
+        return ing.store.write(v)
     finally:
         timer.cancel()
 
@@ -242,7 +244,8 @@ def test_permanent_error_while_running_stops_the_ingester(
     ing.db = storage.connect(
         _auth_gateway(auth_stack, tmp_path, "rotated-password").cfg, appname="t"
     )
-    ing.writer.db = ing.db  # the writer appends through the same connection
+    # The write stage and its writer append through the same connection.
+    ing.store.db = ing.store.writer.db = ing.db
     gw.publish(5)
     thread = gw.ingesters[0][1]
     thread.join(30)
@@ -291,19 +294,19 @@ def test_messages_of_an_earlier_connection_do_not_pile_up(private_gateway: Gatew
     gw = private_gateway
     gw.set(ingest={"batch_size": 100, "inflight_batches": 2})
     ing = gw.start_ingester()
-    assert ing.maximum_packet_size == gw.cfg.ingest.max_payload_bytes + PACKET_OVERHEAD
+    assert ing.receiver.maximum_packet_size == gw.cfg.ingest.max_payload_bytes + PACKET_OVERHEAD
     gw.stack.mongo.stop()  # the ingester holds a batch, the broker queues the rest
     sim = gw.publish(3000, rate=5000)
     highest = 0
     for _ in range(3):
         time.sleep(2)
         gw.stack.mosquitto.restart()
-        wait_for(ing.subscribed.is_set, 30, what="the ingester to resubscribe")
+        wait_for(ing.receiver.subscribed.is_set, 30, what="the ingester to resubscribe")
         time.sleep(1)
-        held = ing.queue.qsize() + ing.stale_count
+        held = ing.receiver.queue.qsize() + ing.receiver.stale_count
         highest = max(highest, held)
         # This connection's window, plus at most what the last one left unredelivered.
-        assert held <= 2 * ing.receive_maximum, held
+        assert held <= 2 * ing.receiver.receive_maximum, held
     assert ing.counters.dropped_stale > 0
     print(f"dropped_stale={ing.counters.dropped_stale} highest queue={highest}")
     gw.stack.mongo.start()
@@ -412,18 +415,18 @@ def test_messages_held_when_the_broker_is_killed_are_not_lost(private_gateway: G
     gw.set(ingest={"batch_size": 100, "inflight_batches": 2})
     ing = gw.start_ingester()
     gw.stack.mosquitto.restart()  # graceful: our session is saved, with no messages
-    wait_for(ing.subscribed.is_set, 30, what="the ingester to resubscribe")
+    wait_for(ing.receiver.subscribed.is_set, 30, what="the ingester to resubscribe")
     gw.stack.mongo.stop()
     sim = gw.simulator()
     sim.run(rate=5000, count=1000)
-    wait_for(lambda: ing.queue.qsize() >= 50, 20, what="the ingester to hold messages")
+    wait_for(lambda: ing.receiver.queue.qsize() >= 50, 20, what="the ingester to hold messages")
     time.sleep(0.5)
-    held = {json.loads(m.payload)["msg_id"] for m in list(ing.queue.queue)}
+    held = {json.loads(m.payload)["msg_id"] for m in list(ing.receiver.queue.queue)}
     gw.stack.mosquitto.kill()
     gw.stack.mosquitto.start()
-    wait_for(ing.subscribed.is_set, 30, what="the ingester to resubscribe")
+    wait_for(ing.receiver.subscribed.is_set, 30, what="the ingester to resubscribe")
     # Set aside, waiting for a redelivery that will not come.
-    wait_for(lambda: ing.stale_count > 0, 20, what="held messages set aside")
+    wait_for(lambda: ing.receiver.stale_count > 0, 20, what="held messages set aside")
     time.sleep(1)
     assert ing.counters.dropped_stale == 0
     gw.stack.mongo.start()

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sensor_gateway.localstack import REPO, free_port
+from devstack import REPO
+from devstack.ports import free_port
 from tests.helpers import Gateway, wait_for
 
 PREFIXED = re.compile(r"^<[0-7]>")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import RabbitMQ, _write_secret
 from sensor_gateway import queries
-from sensor_gateway.localstack import RabbitMQ, _write_secret
 from tests.helpers import Gateway
 
 pytestmark = pytest.mark.rabbitmq

@@ -71,8 +71,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import requests
 
+from devstack.ports import free_port
+from devstack.stack import Stack
 from sensor_gateway import storage
-from sensor_gateway.localstack import Stack, free_port
 from sensor_gateway.mqtt import connect_async, make_client
 from tests.helpers import Gateway
 
@@ -97,7 +98,7 @@ def pause(seconds: float) -> None:
 
 # -- hostile payloads ------------------------------------------------------------------
 # Each builder gets the rng and a serial number and returns (topic, payload). None
-# of them is a valid reading under the contract (DESIGN.md, "The reading contract").
+# of them is a valid reading (docs/ARCHITECTURE.md, "The payload contract").
 
 Builder = Callable[[random.Random, int], tuple[str, bytes]]
 

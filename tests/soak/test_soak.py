@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sensor_gateway.localstack import REPO
+from devstack import REPO
 
 pytestmark = pytest.mark.soak
 

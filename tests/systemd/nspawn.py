@@ -1,7 +1,7 @@
 """A real systemd to test units in: a debootstrap'd Debian booted with systemd-nspawn.
 
 PID 1 on the build machines is not systemd, so unit files are tested inside a
-container whose PID 1 is (see ../shared/notes/systemd-test-host.md). This
+container whose PID 1 is (see docs/ARCHITECTURE.md, "Testing the units"). This
 module is a small library for that; the systemd tests (``tests/systemd``) and
 the Ansible end-to-end run (``make e2e``) both use it. It needs root,
 ``systemd-container`` and ``debootstrap``, and no D-Bus or machined on the host.

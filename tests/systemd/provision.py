@@ -25,7 +25,8 @@ from pathlib import Path
 
 import tomli_w
 
-from sensor_gateway.localstack import MOSQUITTO_ACL, MQTT_USERS, REPO, find_ferretdb
+from devstack import REPO
+from devstack.stack import MOSQUITTO_ACL, MQTT_USERS, find_ferretdb
 from tests.systemd.nspawn import Container
 
 HERE = Path(__file__).resolve().parent

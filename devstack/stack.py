@@ -1,9 +1,11 @@
 """Local services on loopback: Mosquitto, Redis, a MongoDB-wire server, RabbitMQ.
 
-Used by the test fixtures and by ``make run``. Each service runs as a child
-process on a free 127.0.0.1 port with its data in a folder of ours, with the
-same security the deployment has (broker users and ACLs, a Redis password),
-and can be stopped, killed and started again mid-test.
+Used by the test fixtures, the benchmarks and ``make run``. Each service runs
+as a child process on a 127.0.0.1 port (a free one, or a fixed one for
+``make run``) with its data in a folder of ours, with the same security the
+deployment has (broker users and ACLs, a Redis password), and can be stopped,
+killed and started again mid-test. A service started from the main thread
+dies with the process that started it (:mod:`devstack.lifetime`).
 
 MongoDB-wire server: ``mongod`` when one is on PATH, else FerretDB 1.24 with
 its SQLite backend (``$FERRETDB`` or ``.cache/bin/ferretdb``, built by
@@ -16,14 +18,13 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from devstack import REPO, lifetime
+from devstack.ports import describe_taken, free_port, is_free, wait_port
 
 # Broker users and what each may do (the deployment's ACL, see deploy/ansible).
 MQTT_USERS = ("sensor-ingest", "sensor-simulator", "sensor-api")
@@ -48,23 +49,8 @@ def mosquitto_acl(device_users: tuple[str, ...] = ()) -> str:
     return MOSQUITTO_ACL + devices
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+class PortTaken(RuntimeError):
+    """A service's port is held by another process: never talk to a stranger."""
 
 
 @dataclass(kw_only=True)
@@ -81,6 +67,11 @@ class Service:
     def dir(self) -> Path:
         return self.root / self.name
 
+    @property
+    def label(self) -> str:
+        """The name in messages."""
+        return self.name
+
     def command(self) -> list[str]:
         raise NotImplementedError
 
@@ -91,34 +82,31 @@ class Service:
         return None
 
     def start(self) -> None:
+        # Checked first: with the port taken, our server would fail to bind while
+        # the waiting below happily connected to whoever has it.
+        if not is_free(self.port):
+            raise PortTaken(describe_taken(self.label, self.port))
         self.dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.dir / "service.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.dir,
-            env=self.env(),
-            start_new_session=True,
-        )
+        with open(self.dir / "service.log", "ab") as log:
+            self.proc = lifetime.spawn(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=self.env(),
+            )
         wait_port(self.port, self.start_timeout, self.proc)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Graceful stop (SIGTERM), as ``systemctl stop`` would."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            lifetime.end_all([self.proc], timeout)
         self.proc = None
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            if not lifetime.has_exited(self.proc):
+                lifetime.kill_group(self.proc.pid)
             self.proc.wait()
         self.proc = None
 
@@ -225,6 +213,10 @@ class MongoServer(Service):
     name: str = "mongodb"
     engine: str = ""
     auth: tuple[str, str, str] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.engine})" if self.engine else self.name
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -372,8 +364,12 @@ class Stack:
         )
         self.secrets_dir = self.root / "secrets"
 
+    @property
+    def services(self) -> tuple[Service, ...]:
+        return (self.mosquitto, self.redis, self.mongo)
+
     def start(self) -> None:
-        for s in (self.mosquitto, self.redis, self.mongo):
+        for s in self.services:
             for attempt in range(3):
                 s.prepare()
                 try:
@@ -390,9 +386,12 @@ class Stack:
             _write_secret(self.secrets_dir / f"mqtt-{user.removeprefix('sensor-')}-password", pw)
         _write_secret(self.secrets_dir / "redis-password", self.redis.password)
 
-    def stop(self) -> None:
-        for s in (self.mosquitto, self.redis, self.mongo):
-            s.stop()
+    def stop(self, timeout: float = 20.0, hurry: threading.Event | None = None) -> None:
+        """SIGTERM to all three at once; SIGKILL to any still running after
+        ``timeout`` seconds (at once when ``hurry`` is set)."""
+        lifetime.end_all([s.proc for s in self.services if s.proc], timeout, hurry=hurry)
+        for s in self.services:
+            s.proc = None
 
     def config_dict(self, database: str = "sensor_gateway") -> dict:
         """A gateway.toml (as a dict) for this stack; secrets are files under root."""
