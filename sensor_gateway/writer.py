@@ -162,35 +162,36 @@ class Writer:
         batch and retries: nothing is lost, nothing doubled).
         """
         groups: dict[str, list[dict[str, Any]]] = {}
-        redelivered = 0
         try:
             for r in readings:
                 us = layout.to_us(r["ts"])
                 r["_us"] = us
                 r.setdefault("key", r.get("_id") or new_key())
-                if r.get("ts_from_receipt") and self._seen_recently(r):
-                    redelivered += 1
-                    continue
+                if r.get("ts_from_receipt") and (seen := self._seen_recently(r)) is not None:
+                    # Goes to the minute that holds it: a duplicate there, and that
+                    # minute's summaries are set again (the crash may have come
+                    # between its bucket's write and theirs).
+                    r["_us"] = seen
+                    us = seen
                 groups.setdefault(layout.bucket_id(r["sensor_id"], us), []).append(r)
-            out = self._write(groups)
+            return self._write(groups)
         except BaseException:
             self.forget(groups)
             raise
-        out.duplicates += redelivered
-        return out
 
-    def _seen_recently(self, r: dict[str, Any]) -> bool:
+    def _seen_recently(self, r: dict[str, Any]) -> int | None:
         """A reading timed on arrival gets a new time when the broker redelivers
         it, so its bucket may differ: look for its key in the sensor's buckets of
-        the last RECEIPT_LOOKBACK_US (a crash and restart take less)."""
+        the last RECEIPT_LOOKBACK_US (a crash and restart take less). Returns the
+        start of the minute holding it."""
         if r["key"].startswith("~"):
-            return False  # a key made up on arrival is never seen again
+            return None  # a key made up on arrival is never seen again
         end = layout.floor(r["_us"], layout.US_MINUTE)
         start = end - RECEIPT_LOOKBACK_US
         for minute in range(end, start - 1, -layout.US_MINUTE):
             if r["key"] in self._bucket(layout.bucket_id(r["sensor_id"], minute), minute).keys:
-                return True
-        return False
+                return minute
+        return None
 
     def forget(self, ids: Iterable[str]) -> None:
         """Drop what the cache knows of these buckets and every summary above them."""
@@ -221,6 +222,7 @@ class Writer:
                 if st.segments == 0 or st.last_n >= layout.SEGMENT:
                     st.segments += 1
                     st.last_n, st.last_attrs = 0, []
+                    st.seg.append(None)
                 seg = pushes.setdefault(
                     st.segments - 1,
                     {
@@ -242,12 +244,13 @@ class Writer:
                 push["ai"].append(seg["attrs"].index(attr))
                 push["mi"].append(r.get("msg_id"))
                 layout.add_sample(st.summary, r["kind"], r["value"])
+                st.add_status(r["kind"], r["value"], r["_us"] - base)
                 r["_pos"] = st.n
                 r["_bucket"] = bid
                 st.n += 1
                 st.last_n += 1
                 new.append(r)
-            st.summary["g"] = max(st.segments, 1)
+            st.finish()
             new_state[bid] = st
             for i, seg in pushes.items():
                 update: dict[str, Any] = {
@@ -278,7 +281,6 @@ class Writer:
                     out.refused.append((r, reason))
                 # Summarise again what the bucket really holds, without the refused.
                 new_state[bid] = MinuteState.of(self._read_minute(bid))
-                new_state[bid].summary["g"] = max(new_state[bid].segments, 1)
                 self.buckets.put(bid, new_state[bid])
             self._write_summaries(groups, new_state)
         for bid, st in new_state.items():

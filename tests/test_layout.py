@@ -141,6 +141,30 @@ def test_a_redelivered_batch_is_stored_and_counted_once(db) -> None:
     assert layout.summaries(db[layout.HOURS].find_one({"_id": hid}), "m")["58"]["n"] == 30
 
 
+def test_a_redelivered_reading_timed_on_arrival_heals_its_minute(db) -> None:
+    """No timestamp, a msg_id: the redelivery gets a later receipt time, so another
+    minute; the writer finds the first copy by key and sets that minute's summaries
+    again, as for a redelivered reading with a timestamp."""
+    first = T0 + timedelta(seconds=5)
+    rs = [
+        {**reading("rc", first, 3.0, f"rc-{i}"), "ts_from_receipt": True, "msg_id": str(i)}
+        for i in range(3)
+    ]
+    Writer(db).write([dict(r) for r in rs])
+    hid = layout.sensor_hour_id("rc", layout.to_us(T0))
+    mid = layout.minute_doc_id(layout.to_us(T0))
+    wrong = layout.pack({**layout.summary(), "n": 1, "sum": 1.0, "min": 0.0, "max": 9.0})
+    db[layout.HOURS].update_one({"_id": hid}, {"$set": {"m.58": wrong}})
+    db[layout.MINUTES].update_one({"_id": mid}, {"$set": {"by.rc": wrong}})
+    later = first + timedelta(minutes=2)  # the redelivery's receipt time
+    out = Writer(db).write([{**r, "ts": later} for r in rs])
+    assert (len(out.new), out.duplicates) == (0, 3)
+    assert layout.summaries(db[layout.HOURS].find_one({"_id": hid}), "m")["58"]["n"] == 3
+    assert layout.summaries(db[layout.MINUTES].find_one({"_id": mid}), "by")["rc"]["n"] == 3
+    assert queries.count_all(db) == 3
+    assert db[layout.SAMPLES].find_one({"_id": layout.bucket_id("rc", layout.to_us(later))}) is None
+
+
 def test_retention_per_tier(gateway: Gateway, db) -> None:
     day = datetime(2024, 1, 1, tzinfo=UTC)
     w = Writer(db)
