@@ -25,8 +25,12 @@ Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*
 
 A summary is ``{"n", "sum", "min", "max", "kind", "st", "g"}``; ``st`` counts
 each status 0–6 among readings of kind ``status``, ``g`` is how many documents
-hold the minute. Stored packed into one string (:func:`pack`): FerretDB's cost
-of reading a document grows with the values in it. Summaries are always *set* to a
+hold the minute. A minute held by several documents and holding statuses also
+has ``sg``: for each document, the first and last time (µs into the minute) and
+the counts of its status readings (``None`` without any), so that status counts
+over part of a minute read only the document(s) the window's end falls in.
+Stored packed into one string (:func:`pack`): FerretDB's cost of reading a
+document grows with the values in it. Summaries are always *set* to a
 value recomputed from what they summarise, never incremented, so writing one
 twice (a batch retried, a reading redelivered after a crash) changes nothing:
 aggregates count every reading once. ``samples`` and ``minutes`` are the raw
@@ -162,6 +166,10 @@ def hour_index(us: int) -> str:
 # -- summaries ----------------------------------------------------------------------
 
 
+# A document's status readings: first and last time (µs after the minute), counts.
+SegmentStatuses = tuple[int, int, dict[str, int]]
+
+
 def summary() -> dict[str, Any]:
     return {"n": 0, "sum": 0.0, "min": None, "max": None, "kind": None}
 
@@ -201,17 +209,24 @@ def add_summary(acc: dict[str, Any], s: dict[str, Any] | None) -> None:
 
 def pack(s: dict[str, Any]) -> str:
     """A summary as one short string: FerretDB turns every stored value into BSON
-    on each read, so one string costs far less to read than an object of seven."""
+    on each read, so one string costs far less to read than an object of seven.
+    A minute's summary may end with its segments' status readings (``sg``)."""
     st = s.get("st")
     counts = ",".join(str(st.get(k, 0)) for k in STATUSES) if st else ""
-    return (
+    text = (
         f"{s['n']}|{s['sum']!r}|{s['min']!r}|{s['max']!r}|{s.get('g', 1)}|"
         f"{s.get('kind') or ''}|{counts}"
     )
+    sg = s.get("sg")
+    if st and sg and len(sg) > 1:
+        text += "|" + ";".join(
+            "" if e is None else f"{e[0]},{e[1]},{pack_counts(e[2])}" for e in sg
+        )
+    return text
 
 
 def unpack(text: str) -> dict[str, Any]:
-    n, total_, lo, hi, g, kind, counts = text.split("|")
+    n, total_, lo, hi, g, kind, counts, *rest = text.split("|")
     out: dict[str, Any] = {
         "n": int(n),
         "sum": float(total_),
@@ -222,7 +237,16 @@ def unpack(text: str) -> dict[str, Any]:
     }
     if counts:
         out["st"] = unpack_counts(counts)
+    if rest:
+        out["sg"] = [_unpack_segment(e) for e in rest[0].split(";")]
     return out
+
+
+def _unpack_segment(text: str) -> SegmentStatuses | None:
+    if not text:
+        return None
+    first, last, counts = text.split(",", 2)
+    return (int(first), int(last), unpack_counts(counts))
 
 
 def pack_counts(counts: dict[str, int]) -> str:
@@ -317,24 +341,48 @@ class MinuteState:
     # The distinct (kind, unit) of the last document's readings (``a``).
     last_attrs: list[tuple[str, str | None]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=summary)
+    # Per document: its status readings' first and last offsets and counts (``sg``).
+    seg: list[list[Any] | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, docs: list[dict[str, Any]]) -> MinuteState:
         st = cls()
         for doc in docs:
             st.keys.update(doc.get("k") or ())
+            st.seg.append(None)
             for smp in samples_of(doc):
                 add_sample(st.summary, smp.kind, smp.value)
+                st.add_status(smp.kind, smp.value, smp.us - doc["b"])
             st.segments += 1
             st.last_n = len(doc.get("t") or ())
             st.n += st.last_n
             st.last_attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
+        st.finish()
         return st
+
+    def add_status(self, kind: str, value: float, offset_us: int) -> None:
+        """Count a reading of the last document in its ``sg`` entry."""
+        status = status_of(kind, value)
+        if status is None:
+            return
+        e = self.seg[-1]
+        if e is None:
+            e = self.seg[-1] = [offset_us, offset_us, {}]
+        e[0], e[1] = min(e[0], offset_us), max(e[1], offset_us)
+        e[2][status] = e[2].get(status, 0) + 1
+
+    def finish(self) -> None:
+        """Set the summary's document count (``g``) and per-document statuses (``sg``)."""
+        self.summary["g"] = max(self.segments, 1)
+        self.summary.pop("sg", None)
+        if len(self.seg) > 1 and any(self.seg):
+            self.summary["sg"] = [None if e is None else (e[0], e[1], dict(e[2])) for e in self.seg]
 
     def copy(self) -> MinuteState:
         s = dict(self.summary)
         if "st" in s:
             s["st"] = dict(s["st"])
+        seg = [None if e is None else [e[0], e[1], dict(e[2])] for e in self.seg]
         return MinuteState(
-            set(self.keys), self.n, self.segments, self.last_n, list(self.last_attrs), s
+            set(self.keys), self.n, self.segments, self.last_n, list(self.last_attrs), s, seg
         )

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo.database import Database
@@ -387,11 +387,8 @@ def _summaries(r: Reader, name: str, start: int, end: int, sensor_id: str | None
     return out
 
 
-def _raw_summaries(
-    r: Reader, start: int, end: int, sensor_id: str | None, statuses_only: bool = False
-) -> dict:
-    """{sensor_id: summary} of part of a minute, from its buckets (with
-    ``statuses_only``, of the sensors that sent statuses in that minute)."""
+def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> dict:
+    """{sensor_id: summary} of part of a minute, from its buckets."""
     minute = layout.floor(start, US_MINUTE)
     if sensor_id is not None:
         doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, minute)) or {}
@@ -399,11 +396,7 @@ def _raw_summaries(
         sids = [(sensor_id, layout.segments(summary))] if summary else []
     else:
         by = layout.summaries(r.get(layout.MINUTES, layout.minute_doc_id(minute)), "by")
-        sids = [
-            (layout.sensor_of(k), layout.segments(v))
-            for k, v in by.items()
-            if v.get("st") or not statuses_only
-        ]
+        sids = [(layout.sensor_of(k), layout.segments(v)) for k, v in by.items()]
     out = {}
     r.prefetch(
         (layout.SAMPLES, layout.bucket_id(sid, minute, seg)) for sid, n in sids for seg in range(n)
@@ -461,52 +454,189 @@ def _clamp(r: Reader, lo: int | None, hi: int | None, sensor_id: str | None) -> 
 
 # -- status counts -------------------------------------------------------------------
 
+# A window over every sensor at most this long is cut into pieces without reading
+# the registry first: what it reads is bounded by its length (at most a few dozen
+# summary documents), and the registry's clamp would change nothing but the
+# reads of documents that are not there. Longer or open windows are clamped.
+UNCLAMPED_US = 2 * US_DAY
+# A day's summary stands in for most of its hours (the day's count minus those of
+# the hours outside the window) only once nothing can still be writing to it:
+# read in parallel, a day and an hour written by the same batch could come from
+# two moments. Past days are not written to (a late reading is the exception,
+# counted by whichever summary has it).
+SETTLED_US = 2 * US_HOUR
+
+
+def _status_total(doc: dict[str, Any] | None) -> dict[str, int]:
+    """Status counts of every sensor together, from an all-sensor hour or day summary."""
+    acc: dict[str, int] = {}
+    for s in layout.summaries(doc, "by").values():
+        for st, c in (s.get("st") or {}).items():
+            acc[st] = acc.get(st, 0) + int(c)
+    return acc
+
+
+def _edge_plan(
+    r: Reader, start: int, end: int, sensor_id: str | None
+) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
+    """Status counts of part of a minute, [start, end): what the minute summaries
+    answer, and the buckets (sensor, minute, segment) that must be read for the
+    rest. A summary's ``sg`` says which of the minute's documents hold status
+    readings and when: a document wholly inside counts as its summary says, one
+    wholly outside not at all, and only one the window's end falls in is read.
+    Without ``sg`` (one document, or a minute written before it) every document
+    of a sensor that sent statuses is read."""
+    minute = layout.floor(start, US_MINUTE)
+    if sensor_id is not None:
+        doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, minute))
+        summary = layout.summaries(doc, "m").get(layout.minute_index(minute))
+        by = [(sensor_id, summary)] if summary else []
+    else:
+        doc = r.get(layout.MINUTES, layout.minute_doc_id(minute))
+        by = [(layout.sensor_of(k), v) for k, v in layout.summaries(doc, "by").items()]
+    known: dict[str, int] = {}
+    to_read: list[tuple[str, int, int]] = []
+    for sid, summary in by:
+        if not summary.get("st"):
+            continue
+        g = layout.segments(summary)
+        sg = summary.get("sg")
+        if not sg or len(sg) != g:
+            to_read += [(sid, minute, i) for i in range(g)]
+            continue
+        for i, e in enumerate(sg):
+            if e is None:
+                continue
+            first, last, counts = minute + e[0], minute + e[1], e[2]
+            if start <= first and last < end:
+                for st, c in counts.items():
+                    known[st] = known.get(st, 0) + c
+            elif not (last < start or first >= end):
+                to_read.append((sid, minute, i))
+    return known, to_read
+
+
+def _edge_count(
+    r: Reader, start: int, end: int, buckets: list[tuple[str, int, int]], counts: dict[str, int]
+) -> None:
+    """Add the status readings in [start, end) of these buckets to ``counts``."""
+    for sid, minute, i in buckets:
+        doc = r.get(layout.SAMPLES, layout.bucket_id(sid, minute, i))
+        for smp in layout.samples_of(doc) if doc else ():
+            if start <= smp.us < end:
+                st = layout.status_of(smp.kind, smp.value)
+                if st is not None:
+                    counts[st] = counts.get(st, 0) + 1
+
 
 def status_counts(
     db: Database | Reader,
     start: datetime | None,
     end: datetime | None,
     sensor_id: str | None = None,
+    now_us: int | None = None,
 ) -> dict[str, int]:
-    """Count of each status 0–6 with ``start <= ts <= end``; zeros included."""
+    """Count of each status 0–6 with ``start <= ts <= end``; zeros included.
+
+    Every sensor: whole days from the day summary, whole hours from the
+    all-sensor hour summaries (or, for most of a past day, the day's summary
+    minus its hours outside the window, when that reads fewer documents), whole
+    minutes from the per-minute counts of the hour's summary, and the part-minutes
+    at the ends from their minute summaries and the buckets the ends fall in
+    (:func:`_edge_plan`). Two rounds of parallel reads: every summary, then every
+    bucket.
+    """
     r = as_reader(db)
-    lo, hi = _clamp(
-        r,
-        layout.to_us(start) if start is not None else None,
-        layout.to_us(end) + 1 if end is not None else None,
-        sensor_id,
+    lo = layout.to_us(start) if start is not None else None
+    hi = layout.to_us(end) + 1 if end is not None else None
+    if sensor_id is not None:
+        lo, hi = _clamp(r, lo, hi, sensor_id)
+        return _sensor_status_counts(r, lo, hi, sensor_id)
+    if lo is None or hi is None or hi - lo > UNCLAMPED_US:
+        lo, hi = _clamp(r, lo, hi, None)
+    if now_us is None:
+        now_us = layout.to_us(datetime.now(UTC))
+    plan = list(pieces(lo, hi))
+
+    def hour_doc(us: int) -> tuple[str, str]:
+        return layout.HOURS, layout.all_hour_id(layout.floor(us, US_HOUR))
+
+    wanted: dict[tuple[str, str], None] = {}
+    full_hours: dict[int, list[int]] = {}  # day -> its hours wholly inside the window
+    for name, s, _ in plan:
+        if name == "raw":
+            wanted[(layout.MINUTES, layout.minute_doc_id(s))] = None
+        elif name == "day":
+            wanted[(layout.HOURS, layout.all_day_id(s))] = None
+        elif name == "hour":
+            full_hours.setdefault(layout.floor(s, US_DAY), []).append(s)
+        else:
+            wanted[hour_doc(s)] = None
+    # day -> the hours of that day outside the window, whose counts it subtracts
+    by_day: dict[int, list[int]] = {}
+    for day, hours in full_hours.items():
+        inside = set(hours)
+        outside = [h for h in range(day, day + US_DAY, US_HOUR) if h not in inside]
+        extra = [h for h in outside if hour_doc(h) not in wanted]
+        if day + US_DAY + SETTLED_US <= now_us and 1 + len(extra) < len(hours):
+            by_day[day] = outside
+            wanted[(layout.HOURS, layout.all_day_id(day))] = None
+            for h in outside:
+                wanted[hour_doc(h)] = None
+        else:
+            for h in hours:
+                wanted[hour_doc(h)] = None
+    r.prefetch(wanted)
+    # The part-minutes: what their summaries answer, then their buckets, of both
+    # ends at once.
+    edges = [(s, e, *_edge_plan(r, s, e, None)) for name, s, e in plan if name == "raw"]
+    r.prefetch(
+        (layout.SAMPLES, layout.bucket_id(sid, m, i)) for *_, todo in edges for sid, m, i in todo
     )
+
     counts = dict.fromkeys(STATUSES, 0)
 
-    def add(st_counts: dict[str, Any] | None) -> None:
+    def add(st_counts: dict[str, Any] | None, sign: int = 1) -> None:
         for st, c in (st_counts or {}).items():
-            counts[st] = counts.get(st, 0) + int(c)
+            counts[st] = counts.get(st, 0) + sign * int(c)
 
-    if sensor_id is None:
-        r.prefetch(
-            (layout.MINUTES, layout.minute_doc_id(start))
-            if name == "raw"
-            else (layout.HOURS, layout.all_day_id(start))
-            if name == "day"
-            else (layout.HOURS, layout.all_hour_id(layout.floor(start, US_HOUR)))
-            for name, start, _ in pieces(lo, hi)
-        )
-    else:
-        r.prefetch(_piece_docs(lo, hi, sensor_id))
-    for name, start, end in pieces(lo, hi):
-        if name == "minute" and sensor_id is None:
-            # Every sensor's status counts of a minute, inside its hour's document:
-            # one document for up to 60 minutes.
-            doc = r.get(layout.HOURS, layout.all_hour_id(layout.floor(start, US_HOUR))) or {}
-            add(layout.summaries(doc, "ms").get(layout.minute_index(start)))
-            continue
-        part = (
-            _raw_summaries(r, start, end, sensor_id, statuses_only=True)
-            if name == "raw"
-            else _summaries(r, name, start, end, sensor_id)
-        )
-        for summary in part.values():
-            add(summary.get("st"))
+    for name, s, _ in plan:
+        if name == "minute":
+            # Every sensor's status counts of a minute, inside its hour's document.
+            doc = r.get(*hour_doc(s))
+            add(layout.summaries(doc, "ms").get(layout.minute_index(s)))
+        elif name == "day":
+            add(_status_total(r.get(layout.HOURS, layout.all_day_id(s))))
+        elif name == "hour" and layout.floor(s, US_DAY) not in by_day:
+            add(_status_total(r.get(*hour_doc(s))))
+    for s, e, known, todo in edges:
+        add(known)
+        _edge_count(r, s, e, todo, counts)
+    for day, outside in by_day.items():
+        add(_status_total(r.get(layout.HOURS, layout.all_day_id(day))))
+        for h in outside:
+            add(_status_total(r.get(*hour_doc(h))), -1)
+    return counts
+
+
+def _sensor_status_counts(r: Reader, lo: int, hi: int, sensor_id: str) -> dict[str, int]:
+    """Status counts of one sensor in [lo, hi), from its hour summaries and buckets."""
+    counts = dict.fromkeys(STATUSES, 0)
+    r.prefetch(_piece_docs(lo, hi, sensor_id))
+    plan = list(pieces(lo, hi))
+    edges = [(s, e, *_edge_plan(r, s, e, sensor_id)) for name, s, e in plan if name == "raw"]
+    r.prefetch(
+        (layout.SAMPLES, layout.bucket_id(sid, m, i)) for *_, todo in edges for sid, m, i in todo
+    )
+    for name, start, end in plan:
+        if name != "raw":
+            for summary in _summaries(r, name, start, end, sensor_id).values():
+                for st, c in (summary.get("st") or {}).items():
+                    counts[st] = counts.get(st, 0) + int(c)
+    for start, end, known, todo in edges:
+        for st, c in known.items():
+            counts[st] += c
+        _edge_count(r, start, end, todo, counts)
     return counts
 
 

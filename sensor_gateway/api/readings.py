@@ -11,7 +11,7 @@ from marshmallow import RAISE
 
 from sensor_gateway import queries
 from sensor_gateway.api import schemas
-from sensor_gateway.api.latest import latest_response
+from sensor_gateway.api.latest import fast_n, latest_response
 from sensor_gateway.api.responses import json_bytes, json_response
 from sensor_gateway.api.services import Services, services
 
@@ -86,6 +86,7 @@ def list_readings(query_data: dict[str, Any]) -> Response:
 
 
 @bp.get("/readings/latest")
+@fast_n
 @bp.input(schemas.LatestQuery, location="query", unknown=RAISE)
 @bp.output(schemas.ReadingList, description="Newest first")
 @bp.doc(

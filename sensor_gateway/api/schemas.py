@@ -13,6 +13,7 @@ from sensor_gateway.config import ConfigError, parse_window
 from sensor_gateway.payload import SENSOR_ID_RE, Reject, parse_time
 
 MAX_LIMIT = 1000
+LATEST_DEFAULT = 10  # readings of the latest routes without ``n``
 MAX_WINDOW_S = 31 * 24 * 3600
 ID_PATTERN = SENSOR_ID_RE.pattern
 
@@ -98,7 +99,7 @@ class ReadingsQuery(Schema):
 
 class LatestQuery(Schema):
     n = fields.Integer(
-        load_default=10,
+        load_default=LATEST_DEFAULT,
         validate=Range(1, MAX_LIMIT),
         metadata={"description": "How many readings, newest first."},
     )

@@ -11,7 +11,7 @@ from marshmallow import RAISE
 
 from sensor_gateway import queries
 from sensor_gateway.api import schemas
-from sensor_gateway.api.latest import latest_response
+from sensor_gateway.api.latest import fast_n, latest_response
 from sensor_gateway.api.responses import json_response
 from sensor_gateway.api.services import services
 from sensor_gateway.payload import SENSOR_ID_RE
@@ -52,6 +52,7 @@ def list_sensors() -> Response:
 
 
 @bp.get("/sensors/<sensor_id>/latest")
+@fast_n
 @bp.input(schemas.LatestQuery, location="query", unknown=RAISE)
 @bp.output(schemas.ReadingList, description="Newest first")
 @bp.doc(

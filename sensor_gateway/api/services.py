@@ -13,7 +13,9 @@ from typing import Any
 import redis
 from flask import current_app
 from pymongo.database import Database
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sensor_gateway import cache, queries, storage
 from sensor_gateway.config import Config
@@ -34,6 +36,9 @@ class Services:
         self.cache_prefix = f"{cfg.redis.key_prefix}api:cache:"
         self._redis_down_until = 0.0
         self._lock = threading.Lock()
+        # Each serving thread's own Redis connection for the latest readings (see
+        # latest_members).
+        self._local = threading.local()
         max_streams = max(1, cfg.api.threads - 1)
         # SSE streams hold a worker thread each; keep one thread for everything else.
         self.stream_slots = threading.BoundedSemaphore(max_streams)
@@ -62,6 +67,36 @@ class Services:
         except RedisError as exc:
             self.redis_failed(exc)
             return False, None
+
+    def latest_members(self, key: str, n: int) -> tuple[bool, list[bytes]]:
+        """``ZREVRANGE key 0 n-1`` as raw bytes: (True, members) when Redis answered,
+        (False, []) when it is down (the breaker opens, as with :meth:`try_redis`).
+
+        The hottest call of the API (every latest route), so it skips what the
+        client adds per command (pool checkout, retry wrapper, reply decoding):
+        each serving thread keeps a connection of its own, made with the client's
+        settings (password, timeouts, health checks), and the members, stored as
+        JSON text, go into the answer as they are. A
+        connection error is retried once on a new connection, as the client does.
+        """
+        if not self.redis_usable():
+            return False, []
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            pool = self.redis.connection_pool
+            conn = self._local.conn = pool.connection_class(**pool.connection_kwargs)
+        try:
+            try:
+                conn.send_command("ZREVRANGE", key, 0, n - 1)
+                return True, conn.read_response(disable_decoding=True)
+            except (RedisConnectionError, RedisTimeoutError):
+                conn.disconnect()
+                conn.send_command("ZREVRANGE", key, 0, n - 1)
+                return True, conn.read_response(disable_decoding=True)
+        except RedisError as exc:
+            conn.disconnect()
+            self.redis_failed(exc)
+            return False, []
 
     # -- short-lived cache of heavier queries --------------------------------------------
 
