@@ -202,9 +202,14 @@ def add_summary(acc: dict[str, Any], s: dict[str, Any] | None) -> None:
             acc[k] = s[k] if acc[k] is None else pick(acc[k], s[k])
     if s.get("kind") is not None:
         acc["kind"] = s["kind"]
-    for st, c in (s.get("st") or {}).items():
-        counts = acc.setdefault("st", {})
-        counts[st] = counts.get(st, 0) + int(c)
+    if s.get("st"):
+        add_counts(acc.setdefault("st", {}), s["st"])
+
+
+def add_counts(acc: dict[str, int], counts: dict[str, Any] | None, sign: int = 1) -> None:
+    """Status counts added into ``acc`` (``sign=-1``: taken out)."""
+    for st, c in (counts or {}).items():
+        acc[st] = acc.get(st, 0) + sign * int(c)
 
 
 def pack(s: dict[str, Any]) -> str:
@@ -336,32 +341,41 @@ class MinuteState:
 
     keys: set[str] = field(default_factory=set)
     n: int = 0  # readings in the minute
-    segments: int = 0  # its documents
-    last_n: int = 0  # readings in the last one
+    last_n: int = 0  # readings in its last document
     # The distinct (kind, unit) of the last document's readings (``a``).
     last_attrs: list[tuple[str, str | None]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=summary)
-    # Per document: its status readings' first and last offsets and counts (``sg``).
+    # One entry per document: its status readings' first and last offsets and
+    # counts (``sg``), None while it has none.
     seg: list[list[Any] | None] = field(default_factory=list)
+
+    @property
+    def segments(self) -> int:
+        """How many documents hold the minute."""
+        return len(self.seg)
 
     @classmethod
     def of(cls, docs: list[dict[str, Any]]) -> MinuteState:
         st = cls()
         for doc in docs:
+            st.open_segment()
             st.keys.update(doc.get("k") or ())
-            st.seg.append(None)
             for smp in samples_of(doc):
-                add_sample(st.summary, smp.kind, smp.value)
-                st.add_status(smp.kind, smp.value, smp.us - doc["b"])
-            st.segments += 1
+                st.count(smp.kind, smp.value, smp.us - doc["b"])
             st.last_n = len(doc.get("t") or ())
             st.n += st.last_n
             st.last_attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
         st.finish()
         return st
 
-    def add_status(self, kind: str, value: float, offset_us: int) -> None:
-        """Count a reading of the last document in its ``sg`` entry."""
+    def open_segment(self) -> None:
+        """The readings that follow go to a new document."""
+        self.seg.append(None)
+        self.last_n, self.last_attrs = 0, []
+
+    def count(self, kind: str, value: float, offset_us: int) -> None:
+        """A reading of the last document, in the summary and its ``sg`` entry."""
+        add_sample(self.summary, kind, value)
         status = status_of(kind, value)
         if status is None:
             return
@@ -383,6 +397,4 @@ class MinuteState:
         if "st" in s:
             s["st"] = dict(s["st"])
         seg = [None if e is None else [e[0], e[1], dict(e[2])] for e in self.seg]
-        return MinuteState(
-            set(self.keys), self.n, self.segments, self.last_n, list(self.last_attrs), s, seg
-        )
+        return MinuteState(set(self.keys), self.n, self.last_n, list(self.last_attrs), s, seg)

@@ -471,8 +471,7 @@ def _status_total(doc: dict[str, Any] | None) -> dict[str, int]:
     """Status counts of every sensor together, from an all-sensor hour or day summary."""
     acc: dict[str, int] = {}
     for s in layout.summaries(doc, "by").values():
-        for st, c in (s.get("st") or {}).items():
-            acc[st] = acc.get(st, 0) + int(c)
+        layout.add_counts(acc, s.get("st"))
     return acc
 
 
@@ -509,11 +508,22 @@ def _edge_plan(
                 continue
             first, last, counts = minute + e[0], minute + e[1], e[2]
             if start <= first and last < end:
-                for st, c in counts.items():
-                    known[st] = known.get(st, 0) + c
+                layout.add_counts(known, counts)
             elif not (last < start or first >= end):
                 to_read.append((sid, minute, i))
     return known, to_read
+
+
+def _edges(
+    r: Reader, plan: list[tuple[str, int, int]], sensor_id: str | None
+) -> list[tuple[int, int, dict[str, int], list[tuple[str, int, int]]]]:
+    """The part-minutes of a plan: (start, end, what their summaries answer, the
+    buckets still to read), with those buckets fetched in one parallel round."""
+    edges = [(s, e, *_edge_plan(r, s, e, sensor_id)) for name, s, e in plan if name == "raw"]
+    r.prefetch(
+        (layout.SAMPLES, layout.bucket_id(sid, m, i)) for *_, todo in edges for sid, m, i in todo
+    )
+    return edges
 
 
 def _edge_count(
@@ -589,33 +599,26 @@ def status_counts(
     r.prefetch(wanted)
     # The part-minutes: what their summaries answer, then their buckets, of both
     # ends at once.
-    edges = [(s, e, *_edge_plan(r, s, e, None)) for name, s, e in plan if name == "raw"]
-    r.prefetch(
-        (layout.SAMPLES, layout.bucket_id(sid, m, i)) for *_, todo in edges for sid, m, i in todo
-    )
+    edges = _edges(r, plan, None)
 
     counts = dict.fromkeys(STATUSES, 0)
-
-    def add(st_counts: dict[str, Any] | None, sign: int = 1) -> None:
-        for st, c in (st_counts or {}).items():
-            counts[st] = counts.get(st, 0) + sign * int(c)
 
     for name, s, _ in plan:
         if name == "minute":
             # Every sensor's status counts of a minute, inside its hour's document.
             doc = r.get(*hour_doc(s))
-            add(layout.summaries(doc, "ms").get(layout.minute_index(s)))
+            layout.add_counts(counts, layout.summaries(doc, "ms").get(layout.minute_index(s)))
         elif name == "day":
-            add(_status_total(r.get(layout.HOURS, layout.all_day_id(s))))
+            layout.add_counts(counts, _status_total(r.get(layout.HOURS, layout.all_day_id(s))))
         elif name == "hour" and layout.floor(s, US_DAY) not in by_day:
-            add(_status_total(r.get(*hour_doc(s))))
+            layout.add_counts(counts, _status_total(r.get(*hour_doc(s))))
     for s, e, known, todo in edges:
-        add(known)
+        layout.add_counts(counts, known)
         _edge_count(r, s, e, todo, counts)
     for day, outside in by_day.items():
-        add(_status_total(r.get(layout.HOURS, layout.all_day_id(day))))
+        layout.add_counts(counts, _status_total(r.get(layout.HOURS, layout.all_day_id(day))))
         for h in outside:
-            add(_status_total(r.get(*hour_doc(h))), -1)
+            layout.add_counts(counts, _status_total(r.get(*hour_doc(h))), -1)
     return counts
 
 
@@ -624,18 +627,13 @@ def _sensor_status_counts(r: Reader, lo: int, hi: int, sensor_id: str) -> dict[s
     counts = dict.fromkeys(STATUSES, 0)
     r.prefetch(_piece_docs(lo, hi, sensor_id))
     plan = list(pieces(lo, hi))
-    edges = [(s, e, *_edge_plan(r, s, e, sensor_id)) for name, s, e in plan if name == "raw"]
-    r.prefetch(
-        (layout.SAMPLES, layout.bucket_id(sid, m, i)) for *_, todo in edges for sid, m, i in todo
-    )
+    edges = _edges(r, plan, sensor_id)
     for name, start, end in plan:
         if name != "raw":
             for summary in _summaries(r, name, start, end, sensor_id).values():
-                for st, c in (summary.get("st") or {}).items():
-                    counts[st] = counts.get(st, 0) + int(c)
+                layout.add_counts(counts, summary.get("st"))
     for start, end, known, todo in edges:
-        for st, c in known.items():
-            counts[st] += c
+        layout.add_counts(counts, known)
         _edge_count(r, start, end, todo, counts)
     return counts
 

@@ -220,9 +220,7 @@ class Writer:
                     out.duplicates += 1
                     continue
                 if st.segments == 0 or st.last_n >= layout.SEGMENT:
-                    st.segments += 1
-                    st.last_n, st.last_attrs = 0, []
-                    st.seg.append(None)
+                    st.open_segment()
                 seg = pushes.setdefault(
                     st.segments - 1,
                     {
@@ -243,8 +241,7 @@ class Writer:
                 push["k"].append(r["key"])
                 push["ai"].append(seg["attrs"].index(attr))
                 push["mi"].append(r.get("msg_id"))
-                layout.add_sample(st.summary, r["kind"], r["value"])
-                st.add_status(r["kind"], r["value"], r["_us"] - base)
+                st.count(r["kind"], r["value"], r["_us"] - base)
                 r["_pos"] = st.n
                 r["_bucket"] = bid
                 st.n += 1
