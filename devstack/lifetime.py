@@ -58,13 +58,7 @@ def has_exited(proc: subprocess.Popen) -> bool:
     """Whether the child has exited, without reaping it: while it stays a zombie
     its process-group id cannot be given to anyone else, so the group can still
     be killed safely."""
-    if proc.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
+    return exit_status(proc) is not None
 
 
 def exit_status(proc: subprocess.Popen) -> int | None:
