@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PATH = Path("/etc/sensor-gateway/gateway.toml")
+# Ingest workers at most: a shared subscription's members, one lane each, which
+# every read merges.
+MAX_WORKERS = 16
 ENV_PREFIX = "SENSOR_GATEWAY_"
 
 
@@ -54,6 +57,109 @@ class MongoConfig:
     # start-up, the SQL index FerretDB 1.24 lacks for reads by `_id` (see
     # ferretdb.py). Empty: not done; a warning names each collection read slowly.
     ferretdb_sqlite_dir: str = ""
+    # Write concern of every write: "majority" or a number of members (>= 1). A
+    # message is acknowledged to the broker once its write is, so the write must
+    # survive a failover: with "majority" no election can roll it back, with 1 an
+    # election can. A standalone mongod and FerretDB (which ignores write concerns) take
+    # "majority" as 1. 0 (unacknowledged) is refused: nothing would say a write failed.
+    write_concern: str | int = "majority"
+    # j: true, journaled (on the members write_concern counts) before acknowledged.
+    journal: bool = True
+    # How long the server waits for write_concern before it answers with a write
+    # concern error (the batch is then held and retried); 0 means timeout_ms. Below
+    # the socket timeout (2 x timeout_ms), so that the server answers first.
+    wtimeout_ms: int = 0
+
+    def __post_init__(self) -> None:
+        """Check the write concern and the URI's options against it; here, not in
+        :func:`validate`, because a MongoConfig is also built on its own."""
+        w = self.write_concern
+        if isinstance(w, str) and w.isdigit():
+            w = self.write_concern = int(w)  # w: "2" would name a tag set, not 2 members
+        if w == 0 and not isinstance(w, bool):
+            raise ConfigError(
+                "mongodb.write_concern: 0 (unacknowledged writes) is refused: the ingester "
+                "acknowledges a message to the broker only once its write is acknowledged"
+            )
+        if w != "majority" and not (type(w) is int and w >= 1):
+            raise ConfigError(
+                f'mongodb.write_concern: expected "majority" or a number of members >= 1, got {w!r}'
+            )
+        if self.timeout_ms <= 0:
+            raise ConfigError(f"mongodb.timeout_ms: must be > 0, got {self.timeout_ms}")
+        if not 0 <= self.wtimeout_ms < 2 * self.timeout_ms:
+            raise ConfigError(
+                f"mongodb.wtimeout_ms: must be >= 0 and below the socket timeout "
+                f"(2 x mongodb.timeout_ms = {2 * self.timeout_ms}), got {self.wtimeout_ms}"
+            )
+        self._check_uri_options()
+
+    @property
+    def wtimeout(self) -> int:
+        """The write concern's wtimeout, ms: wtimeout_ms, or timeout_ms when that is 0."""
+        return self.wtimeout_ms or self.timeout_ms
+
+    def _check_uri_options(self) -> None:
+        """The URI's options, validated as the driver will read them, must not undo
+        what the gateway relies on; write-concern options must agree with the keys."""
+        from pymongo.errors import ConfigurationError
+        from pymongo.uri_parser import parse_uri, split_options
+
+        query = self.uri.partition("?")[2]
+        try:
+            if self.uri.startswith("mongodb+srv://"):
+                # parse_uri would look the SRV record up: the options alone, offline.
+                opts: Any = split_options(query, validate=True) if query else {}
+            else:
+                opts = parse_uri(self.uri, validate=True)["options"]
+        except (ConfigurationError, ValueError) as exc:
+            # Never the URI itself in the message: it may hold a password.
+            raise ConfigError(f"mongodb.uri: {_bad_uri_option(query) or exc}") from exc
+        if opts.get("w") == 0:
+            raise ConfigError(
+                "mongodb.uri: w=0 (unacknowledged writes) is refused: the ingester "
+                "acknowledges a message to the broker only once its write is acknowledged"
+            )
+        for option, key, want in (
+            ("w", "write_concern", self.write_concern),
+            ("journal", "journal", self.journal),
+            ("wTimeoutMS", "wtimeout_ms", self.wtimeout),
+        ):
+            if option in opts and opts[option] != want:
+                raise ConfigError(
+                    f"mongodb.uri: {option}={opts[option]!r} contradicts "
+                    f"mongodb.{key} = {want!r}; set it with mongodb.{key} alone"
+                )
+        # The writer reads what it wrote to decide what is new (docs/ARCHITECTURE.md,
+        # "Delivery guarantee"): from a secondary, or at "majority", it could miss a
+        # write that is in and append its readings twice.
+        if opts.get("readPreference", "primary") != "primary":
+            raise ConfigError(
+                f"mongodb.uri: readPreference={opts['readPreference']} is refused: the "
+                "ingester must read its own writes, from the primary"
+            )
+        if opts.get("readConcernLevel", "local") != "local":
+            raise ConfigError(
+                f"mongodb.uri: readConcernLevel={opts['readConcernLevel']} is refused: the "
+                "ingester must read its own writes before they reach a majority"
+            )
+
+
+def _bad_uri_option(query: str) -> str | None:
+    """What is wrong with one of a URI's options, naming it: pymongo's message for a
+    whole URI leaves the name out."""
+    from pymongo.errors import ConfigurationError
+    from pymongo.uri_parser import split_options, validate_options
+
+    if not query:
+        return None
+    try:
+        raw = split_options(query, validate=False, normalize=False)
+        for name, value in raw.items():
+            validate_options({name: value})
+    except (ConfigurationError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 @dataclass
@@ -70,9 +176,15 @@ class IngestConfig:
     client_id: str = "sensor-ingest"
     mqtt_username: str = "sensor-ingest"
     mqtt_password_file: str = ""
-    # Topic filter. One ingester per database: the writer's exactly-once needs a
-    # single writer, so a `$share/...` filter over several ingesters is not supported.
+    # Topic filter (without `$share/`: `workers` adds it).
     topic: str = "sensors/#"
+    # Ingest workers: with more than one, each subscribes to
+    # `$share/<share_group>/<topic>` and writes a lane of its own (docs/ARCHITECTURE.md,
+    # "Ingest workers"). `worker` is this process's number, 0 … workers-1, set per
+    # process (sensor-ingest@<n>.service sets SENSOR_GATEWAY_INGEST__WORKER=<n>).
+    workers: int = 1
+    worker: int = 0
+    share_group: str = "sensor-ingest"
     # MQTT 5 session expiry: how long the broker keeps our queue while we are away.
     session_expiry_s: int = 7 * 24 * 3600
     # A batch fills up only while messages wait (a backlog); at live rates
@@ -322,6 +434,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError("api.tokens_file: must name a file (it need not exist yet)")
     if bool(cfg.api.tls_certfile) != bool(cfg.api.tls_keyfile):
         raise ConfigError("api.tls_certfile, api.tls_keyfile: set both (HTTPS) or neither")
+    if not 1 <= cfg.ingest.workers <= MAX_WORKERS:
+        raise ConfigError(f"ingest.workers: must be 1-{MAX_WORKERS}, got {cfg.ingest.workers}")
+    if not 0 <= cfg.ingest.worker < cfg.ingest.workers:
+        raise ConfigError(
+            f"ingest.worker: must be 0-{cfg.ingest.workers - 1} "
+            f"(ingest.workers is {cfg.ingest.workers}), got {cfg.ingest.worker}"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.ingest.share_group):
+        raise ConfigError(
+            f"ingest.share_group: 1-64 of [A-Za-z0-9_.-], got {cfg.ingest.share_group!r}"
+        )
+    if cfg.ingest.topic.startswith("$share/"):
+        raise ConfigError(
+            f"ingest.topic: give the filter without $share/ (ingest.workers adds it), "
+            f"got {cfg.ingest.topic!r}"
+        )
     if cfg.ingest.batch_size * cfg.ingest.inflight_batches > 65535:
         raise ConfigError(
             "ingest.batch_size * ingest.inflight_batches: exceeds MQTT's Receive Maximum 65535"

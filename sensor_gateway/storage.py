@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pymongo
-from pymongo import DESCENDING
+from pymongo import DESCENDING, ReadPreference
 from pymongo.database import Database
 from pymongo.errors import (
     BulkWriteError,
@@ -37,12 +37,19 @@ DUPLICATE_KEY = 11000
 DatabaseError = PyMongoError
 
 # Server error codes, grouped by what the ingester does about them.
-# Transient (hold the batch, retry): network, shutdown, elections, time limits.
+# Transient (hold the batch, retry): network, shutdown, elections (a replica set's
+# "not primary" and "stepped down": 189, 10058, 10107, 11602, 13435, 13436), time
+# limits, and a write concern not met in time (64).
 TRANSIENT_CODES = frozenset(
-    {6, 7, 50, 64, 89, 91, 112, 133, 134, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
-)
-# Permanent and global (no retry helps; a person must act): who we are, what we may do.
-PERMANENT_CODES = frozenset({11, 13, 18, 8000})
+    {
+        6, 7, 50, 64, 89, 91, 112, 133, 134, 189, 262, 9001,
+        10058, 10107, 11600, 11602, 13435, 13436,
+    }
+)  # fmt: skip
+# Permanent and global (no retry helps; a person must act): who we are, what we may
+# do (11, 13, 18, 8000), and a write concern this replica set can never satisfy: an
+# unknown mode (79), more members than it has (100).
+PERMANENT_CODES = frozenset({11, 13, 18, 8000, 79, 100})
 
 TRANSIENT, PERMANENT, DOCUMENT = "transient", "permanent", "document"
 
@@ -58,13 +65,21 @@ class LayoutError(PermanentError):
 def classify(exc: BaseException) -> str:
     """``transient`` (wait and retry), ``permanent`` (stop: a person must act) or
     ``document`` (this write's documents are the problem; isolate them)."""
-    if isinstance(exc, ConnectionFailure | WriteConcernError):
+    # ConnectionFailure includes pymongo's NotPrimaryError, raised for a "not primary"
+    # reply during an election, and ServerSelectionTimeoutError while there is none.
+    if isinstance(exc, ConnectionFailure):
         return TRANSIENT
     if isinstance(exc, ConfigurationError):
         return PERMANENT
+    if isinstance(exc, BulkWriteError):
+        return _classify_bulk(exc)
+    if isinstance(exc, WriteConcernError):
+        # The write is in on the primary, not yet acknowledged as configured: held and
+        # retried (the retry finds it there, see writer.py), unless it never can be.
+        return PERMANENT if exc.code in PERMANENT_CODES else TRANSIENT
     if isinstance(exc, OperationFailure):
         code = exc.code or 0
-        if code in PERMANENT_CODES:
+        if code in PERMANENT_CODES or _no_retryable_writes(exc):
             return PERMANENT
         if code in TRANSIENT_CODES or exc.has_error_label("RetryableWriteError"):
             return TRANSIENT
@@ -73,6 +88,28 @@ def classify(exc: BaseException) -> str:
         return TRANSIENT
     # Anything else comes from encoding documents (bson errors, OverflowError, ...).
     return DOCUMENT
+
+
+def _classify_bulk(exc: BulkWriteError) -> str:
+    """A bulk write's errors: a write concern error is about the whole command (its
+    writes are in on the primary but not acknowledged as configured), and so is a
+    write error that is not about its document (a time limit, an election)."""
+    wces = exc.details.get("writeConcernErrors") or []
+    if wces:
+        return PERMANENT if any(e.get("code") in PERMANENT_CODES for e in wces) else TRANSIENT
+    kinds = {classify(error_of(e)) for e in exc.details.get("writeErrors") or []}
+    for kind in (PERMANENT, TRANSIENT):
+        if kind in kinds:
+            return kind
+    return DOCUMENT
+
+
+def _no_retryable_writes(exc: OperationFailure) -> bool:
+    """A server that takes sessions but not retryable writes (code 20, "Transaction
+    numbers are only allowed on a replica set member or mongos"; pymongo's rewording
+    says to add retryWrites=false to the URI): every write fails alike."""
+    text = str(exc)
+    return exc.code == 20 and ("Transaction numbers" in text or "retryable writes" in text)
 
 
 def connect(cfg: Config, **kwargs: Any) -> Database:
@@ -92,8 +129,16 @@ def connect(cfg: Config, **kwargs: Any) -> Database:
             opts["authSource"] = m.database
     opts.update(kwargs)
     client: pymongo.MongoClient = pymongo.MongoClient(m.uri, **opts)
-    # Journaled writes: an acknowledged MQTT message must survive a crash.
-    return client.get_database(m.database, write_concern=WriteConcern(w=1, j=True))
+    # An acknowledged MQTT message must survive a crash (journal) and a failover
+    # (write_concern "majority"; see config.MongoConfig). Reads go to the primary at
+    # the server's default read concern ("local"): the writer decides what is new
+    # from what it reads, so it must see its own writes, including one whose write
+    # concern timed out; the config refuses a URI that says otherwise.
+    return client.get_database(
+        m.database,
+        write_concern=WriteConcern(w=m.write_concern, j=m.journal, wtimeout=m.wtimeout),
+        read_preference=ReadPreference.PRIMARY,
+    )
 
 
 def ping(db: Database) -> None:
@@ -102,6 +147,22 @@ def ping(db: Database) -> None:
 
 def is_ferretdb(db: Database) -> bool:
     return "ferretdbVersion" in db.command("buildInfo")
+
+
+def check_write_concern(db: Database, cfg: Config) -> None:
+    """A write concern of several members needs a replica set: a standalone mongod
+    refuses every such write (a refusal that would look like one about documents),
+    and FerretDB accepts it without waiting for anyone. "majority" fits both."""
+    w = cfg.mongodb.write_concern
+    if not (isinstance(w, int) and w > 1):
+        return
+    hello = db.client.admin.command("hello")
+    # A mongos ("isdbgrid") hands the write concern on to its shards' replica sets.
+    if "setName" not in hello and hello.get("msg") != "isdbgrid":
+        raise PermanentError(
+            f"mongodb.write_concern = {w} needs a replica set of {w} members or more; "
+            'the server is not a replica set member (use "majority" or 1)'
+        )
 
 
 def ensure_indexes(db: Database) -> None:
@@ -134,6 +195,7 @@ def check_layout(db: Database) -> None:
 def prepare(db: Database, cfg: Config) -> None:
     """At start-up: the layout is ours, rejects are indexed, and on FerretDB every
     collection read by `_id` has the SQL index that makes such reads fast."""
+    check_write_concern(db, cfg)
     check_layout(db)
     ensure_indexes(db)
     if is_ferretdb(db):
