@@ -5,7 +5,8 @@ Keys (prefix ``sg:`` by default):
 - ``latest``              the same across all sensors
 - ``sensors``             set of sensor ids seen
 - ``live``                pub/sub channel of public JSON readings
-- ``ingest:counters``     hash of the ingester's counters (for /metrics)
+- ``ingest:counters``     hash of the ingester's counters (for /metrics);
+  ``ingest:counters:<n>`` those of ingest worker n > 0
 Sorted sets make a redelivered reading a no-op and keep order by time even
 when readings arrive out of order.
 """
@@ -37,12 +38,17 @@ def connect(cfg: Config) -> redis.Redis:
 
 
 class Keys:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, worker: int = 0) -> None:
         self.prefix = prefix
         self.latest_all = f"{prefix}latest"
         self.sensors = f"{prefix}sensors"
         self.live = f"{prefix}live"
-        self.counters = f"{prefix}ingest:counters"
+        # Each ingest worker's own (ingest.worker); worker 0's is the single ingester's.
+        self.counters = self.worker_counters(worker)
+
+    def worker_counters(self, worker: int) -> str:
+        base = f"{self.prefix}ingest:counters"
+        return f"{base}:{worker}" if worker else base
 
     def latest(self, sensor_id: str) -> str:
         return f"{self.prefix}latest:{sensor_id}"

@@ -69,6 +69,9 @@ STATUSES = tuple(str(s) for s in range(7))
 # to, so a bound on their size bounds the bytes written per reading, however fast
 # a sensor sends.
 SEGMENT = 30
+# A reading's position in the keyset order is lane * this + its position in its
+# lane's minute (far more than a sensor can send in a minute).
+LANE_POSITIONS = 10_000_000
 
 
 # -- time ---------------------------------------------------------------------------
@@ -111,9 +114,25 @@ def day_key(us: int) -> str:
 # -- ids ----------------------------------------------------------------------------
 
 
-def bucket_id(sensor_id: str, us: int, segment: int = 0) -> str:
+def in_lane(_id: str, lane: int) -> str:
+    """A document's `_id` as ingest worker ``lane`` writes it (lane 0: unchanged).
+
+    Each worker writes documents of its own (``…@<lane>``): FerretDB 1.24 applies
+    an update as read-modify-write, so two writers updating one document lose
+    each other's changes (measured: half of them). Readers merge the lanes
+    (:func:`merge`)."""
+    return f"{_id}@{lane}" if lane else _id
+
+
+def lane_of(_id: str) -> tuple[str, int]:
+    """(the `_id` in lane 0, the lane) of a summary or registry document's `_id`."""
+    base, at, lane = _id.partition("@")
+    return (base, int(lane)) if at else (_id, 0)
+
+
+def bucket_id(sensor_id: str, us: int, segment: int = 0, lane: int = 0) -> str:
     """A sensor's minute; its readings beyond the first SEGMENT go to ``…/1``, ``…/2``."""
-    base = f"{sensor_id}|{minute_key(us)}"
+    base = in_lane(f"{sensor_id}|{minute_key(us)}", lane)
     return f"{base}/{segment}" if segment else base
 
 
@@ -122,20 +141,27 @@ def segments(summary: dict[str, Any] | None) -> int:
     return int((summary or {}).get("g", 1))
 
 
-def sensor_hour_id(sensor_id: str, us: int) -> str:
-    return f"{sensor_id}|{hour_key(us)}"
+def segment_ids(sensor_id: str, minute_us: int, summary: dict[str, Any] | None) -> list[str]:
+    """The ``samples`` documents holding a sensor's minute, in the order of the
+    summary's ``sg``: each lane's segments (``lg``, set by :func:`merge`), in turn."""
+    lanes = (summary or {}).get("lg") or [(0, segments(summary))]
+    return [bucket_id(sensor_id, minute_us, i, lane) for lane, g in lanes for i in range(g)]
 
 
-def minute_doc_id(us: int) -> str:
-    return f"{ALL}|{minute_key(us)}"
+def sensor_hour_id(sensor_id: str, us: int, lane: int = 0) -> str:
+    return in_lane(f"{sensor_id}|{hour_key(us)}", lane)
 
 
-def all_hour_id(us: int) -> str:
-    return f"{ALL}|{hour_key(us)}"
+def minute_doc_id(us: int, lane: int = 0) -> str:
+    return in_lane(f"{ALL}|{minute_key(us)}", lane)
 
 
-def all_day_id(us: int) -> str:
-    return f"{ALL}|{day_key(us)}"
+def all_hour_id(us: int, lane: int = 0) -> str:
+    return in_lane(f"{ALL}|{hour_key(us)}", lane)
+
+
+def all_day_id(us: int, lane: int = 0) -> str:
+    return in_lane(f"{ALL}|{day_key(us)}", lane)
 
 
 def field_name(sensor_id: str) -> str:
@@ -267,9 +293,67 @@ def summaries(doc: dict[str, Any] | None, path: str) -> dict[str, Any]:
     or a sensor as a field name): ``m`` and ``by`` hold packed summaries,
     ``ms`` packed status counts."""
     packed = (doc or {}).get(path) or {}
+    if (doc or {}).get(MERGED):
+        return packed  # already unpacked by merge()
     if path == "ms":
         return {k: unpack_counts(v) for k, v in packed.items()}
     return {k: unpack(v) for k, v in packed.items()}
+
+
+# -- lanes ---------------------------------------------------------------------------
+
+# Marks a document merged from several lanes: its summaries are unpacked.
+MERGED = "_lanes"
+
+
+def merge_summaries(parts: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """One summary of a minute (or more) from each lane's: counted together, with
+    each lane's document count (``lg``), and the per-document statuses (``sg``)
+    in the same order when every lane's are known."""
+    acc = total(s for _, s in parts)
+    acc["lg"] = [(lane, segments(s)) for lane, s in parts]
+    acc["g"] = sum(g for _, g in acc["lg"])
+    sg: list[SegmentStatuses | None] = []
+    for _, s in parts:
+        if s.get("sg") and len(s["sg"]) == segments(s):
+            sg.extend(s["sg"])
+        elif not s.get("st"):
+            sg.extend([None] * segments(s))
+        else:
+            return acc  # a lane's statuses are in one document, times unknown: read it
+    if any(sg) and len(sg) > 1:
+        acc["sg"] = sg
+    return acc
+
+
+def merge(coll: str, docs: list[tuple[int, dict[str, Any] | None]]) -> dict[str, Any] | None:
+    """One document from the same document of every lane (see :func:`in_lane`)."""
+    found = [(lane, d) for lane, d in docs if d]
+    if not found:
+        return None
+    if len(found) == 1 and found[0][0] == 0:
+        return found[0][1]
+    first = found[0][1]
+    out: dict[str, Any] = {**first, "_id": lane_of(first["_id"])[0], MERGED: True}
+    if coll == SENSORS:
+        out["kinds"] = {k: v for _, d in found for k, v in (d.get("kinds") or {}).items()}
+        for key, pick in (("first", min), ("last", max)):
+            vals = [d[key] for _, d in found if key in d]
+            if vals:
+                out[key] = pick(vals)
+        return out
+    for path in ("m", "by"):
+        parts: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for lane, d in found:
+            for name, v in summaries(d, path).items():
+                parts.setdefault(name, []).append((lane, v))
+        out[path] = {name: merge_summaries(p) for name, p in parts.items()}
+    counts: dict[str, dict[str, int]] = {}
+    for _, d in found:
+        for mi, c in summaries(d, "ms").items():
+            add_counts(counts.setdefault(mi, {}), c)
+    out["ms"] = counts
+    return out
 
 
 def total(summaries: Any) -> dict[str, Any]:
@@ -294,14 +378,16 @@ class Sample:
     unit: str | None
     msg_id: str | None
     bucket: str
+    lane: int = 0
 
     @property
     def ts(self) -> datetime:
         return from_us(self.us)
 
     def order_key(self) -> tuple[int, str, int]:
-        """Readings sort by time, then sensor, then arrival."""
-        return (self.us, self.sensor_id, self.pos)
+        """Readings sort by time, then sensor, then arrival (within a worker's
+        lane; lanes in turn: which of two workers received first is unknown)."""
+        return (self.us, self.sensor_id, self.lane * LANE_POSITIONS + self.pos)
 
     def as_doc(self) -> dict[str, Any]:
         """Shaped like the documents the writer returns (what Redis and the API show)."""
@@ -325,13 +411,14 @@ def samples_of(doc: dict[str, Any]) -> list[Sample]:
     """The readings of a ``samples`` document, in arrival order."""
     sid, base, offset = doc["s"], doc["b"], doc.get("o", 0)
     bucket = doc["_id"].partition("/")[0]
+    lane = lane_of(bucket)[1]
     attrs = [(a.get("k"), a.get("u")) for a in doc.get("a") or ()]
     mids = doc.get("mi") or []
     out = []
     for i, (t, v, ai) in enumerate(zip(doc["t"], doc["v"], doc["ai"], strict=False)):
         kind, unit = attrs[ai]
         mid = mids[i] if i < len(mids) else None
-        out.append(Sample(sid, base + t, offset + i, v, kind, unit, mid, bucket))
+        out.append(Sample(sid, base + t, offset + i, v, kind, unit, mid, bucket, lane))
     return out
 
 

@@ -19,6 +19,7 @@ import base64
 import binascii
 import itertools
 import json
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Reader:
         max_documents: int | None = None,
         time_limit_ms: int | None = None,
         memo: bool = True,
+        lanes: int | None = None,
     ) -> None:
         self.db = db
         self.max_documents = max_documents
@@ -71,6 +73,9 @@ class Reader:
         self.memo = memo
         self.read = 0
         self._memo: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # Ingest workers write lanes of their own (layout.in_lane): a summary or
+        # registry document is read from every lane and merged.
+        self.lanes = lanes if lanes is not None else known_lanes(db)
 
     def _count(self, n: int = 1) -> None:
         self.read += n
@@ -81,12 +86,30 @@ class Reader:
         kw = {"max_time_ms": self.time_limit_ms} if self.time_limit_ms else {}
         return self.db[coll].find_one({"_id": _id}, **kw)
 
+    def _physical(self, key: tuple[str, str]) -> list[tuple[str, str]]:
+        """The documents one logical document is read from: one per lane."""
+        coll, _id = key
+        if self.lanes == 1 or coll not in LANED:
+            return [key]
+        return [(coll, layout.in_lane(_id, lane)) for lane in range(self.lanes)]
+
+    def _fetch(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        self._count(len(keys))
+        if len(keys) == 1:
+            return {keys[0]: self._find(*keys[0])}
+        return dict(zip(keys, _POOL.map(lambda k: self._find(*k), keys), strict=True))
+
+    def _resolve(self, key: tuple[str, str], got: dict[tuple[str, str], Any]) -> Any:
+        parts = self._physical(key)
+        if len(parts) == 1:
+            return got[parts[0]]
+        return layout.merge(key[0], [(lane, got[p]) for lane, p in enumerate(parts)])
+
     def get(self, coll: str, _id: str) -> dict[str, Any] | None:
         key = (coll, _id)
         if key in self._memo:
             return self._memo[key]
-        self._count()
-        doc = self._find(coll, _id)
+        doc = self._resolve(key, self._fetch(self._physical(key)))
         if self.memo:
             self._memo[key] = doc
         return doc
@@ -97,24 +120,49 @@ class Reader:
         the next dozens it needs. What it fetched is then read by :meth:`get`."""
         if not self.memo:
             return
-        todo = list(dict.fromkeys(k for k in wanted if k not in self._memo))
-        if len(todo) < 2:
+        logical = [k for k in dict.fromkeys(wanted) if k not in self._memo]
+        physical = [p for k in logical for p in self._physical(k)]
+        if len(physical) < 2:
             return
-        self._count(len(todo))
-        for key, doc in zip(todo, _POOL.map(lambda k: self._find(*k), todo), strict=True):
-            self._memo[key] = doc
+        got = self._fetch(physical)
+        for k in logical:
+            self._memo[k] = self._resolve(k, got)
 
     def sensors(self) -> dict[str, dict[str, Any]]:
-        """The sensor registry: one small document per sensor."""
+        """The sensor registry: one small document per sensor (and lane)."""
         if ("", "sensors") not in self._memo:
             kw = {"max_time_ms": self.time_limit_ms} if self.time_limit_ms else {}
-            docs = {d["_id"]: d for d in self.db[layout.SENSORS].find({}, **kw)}
+            by_lane: dict[str, list[tuple[int, dict[str, Any] | None]]] = {}
+            for d in self.db[layout.SENSORS].find({}, **kw):
+                sid, lane = layout.lane_of(d["_id"])
+                by_lane.setdefault(sid, []).append((lane, d))
+            docs = {sid: layout.merge(layout.SENSORS, ds) for sid, ds in by_lane.items()}
             self.read += 1
             self._memo[("", "sensors")] = docs  # type: ignore[assignment]
         return self._memo[("", "sensors")]  # type: ignore[return-value]
 
     def sensor(self, sensor_id: str) -> dict[str, Any] | None:
         return self.get(layout.SENSORS, str(sensor_id))
+
+
+# Collections whose documents each ingest worker writes in a lane of its own.
+LANED = (layout.HOURS, layout.MINUTES, layout.SENSORS)
+# How long a process trusts the lane count it read: a worker records its lane
+# before it takes its first message, so this bounds how long after a new
+# worker's start its readings may be missing from reads.
+LANES_TTL_S = 1.0
+_lanes_seen: dict[tuple[int, str], tuple[float, int]] = {}
+
+
+def known_lanes(db: Database) -> int:
+    """How many lanes ingest workers have ever written (``meta`` ``lanes``)."""
+    key = (id(db.client), db.name)
+    now = time.monotonic()
+    seen = _lanes_seen.get(key)
+    if seen is None or now - seen[0] > LANES_TTL_S:
+        doc = db[layout.META].find_one({"_id": "lanes"}) or {}
+        seen = _lanes_seen[key] = (now, max(1, int(doc.get("n") or 1)))
+    return seen[1]
 
 
 def as_reader(db: Database | Reader) -> Reader:
@@ -255,26 +303,27 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
             # One document says which sensors have readings in this hour.
             by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}  # names
             present = [sid for sid in present if layout.field_name(sid) in by]
-        by_minute: dict[int, list[tuple[str, int]]] = {}
+        by_minute: dict[int, list[tuple[str, list[str]]]] = {}
         r.prefetch((layout.HOURS, layout.sensor_hour_id(sid, hour)) for sid in present)
         for sid in present:
             doc = r.get(layout.HOURS, layout.sensor_hour_id(sid, hour)) or {}
             for mi, summary in layout.summaries(doc, "m").items():
                 minute = hour + int(mi) * US_MINUTE
                 if minute + US_MINUTE > lo and minute < hi and q.may_hold(summary):
-                    by_minute.setdefault(minute, []).append((sid, layout.segments(summary)))
+                    ids = layout.segment_ids(sid, minute, summary)
+                    by_minute.setdefault(minute, []).append((sid, ids))
         minutes = sorted(by_minute, reverse=desc)
         for i, minute in enumerate(minutes):
             if i % ahead == 0:
                 r.prefetch(
-                    (layout.SAMPLES, layout.bucket_id(sid, m, seg))
+                    (layout.SAMPLES, bid)
                     for m in minutes[i : i + ahead]
-                    for sid, n in by_minute[m]
-                    for seg in range(n)
+                    for _, ids in by_minute[m]
+                    for bid in ids
                 )
             found: list[Sample] = []
-            for sid, n in by_minute[minute]:
-                found.extend(s for s in minute_samples(r, sid, minute, n) if lo <= s.us < hi)
+            for _, ids in by_minute[minute]:
+                found.extend(s for s in minute_samples(r, ids) if lo <= s.us < hi)
             found = [s for s in found if q.matches(s)]
             found.sort(key=Sample.order_key, reverse=desc)
             for s in found:
@@ -285,11 +334,11 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
                 yield s
 
 
-def minute_samples(r: Reader, sensor_id: str, minute: int, segments: int) -> list[Sample]:
-    """A sensor's readings of one minute, from its ``segments`` documents."""
+def minute_samples(r: Reader, ids: list[str]) -> list[Sample]:
+    """A sensor's readings of one minute, from its documents (layout.segment_ids)."""
     out: list[Sample] = []
-    for i in range(segments):
-        doc = r.get(layout.SAMPLES, layout.bucket_id(sensor_id, minute, i))
+    for bid in ids:
+        doc = r.get(layout.SAMPLES, bid)
         if doc:
             out.extend(layout.samples_of(doc))
     return out
@@ -393,17 +442,18 @@ def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> di
     if sensor_id is not None:
         doc = r.get(layout.HOURS, layout.sensor_hour_id(sensor_id, minute)) or {}
         summary = layout.summaries(doc, "m").get(layout.minute_index(minute))
-        sids = [(sensor_id, layout.segments(summary))] if summary else []
+        sids = [(sensor_id, layout.segment_ids(sensor_id, minute, summary))] if summary else []
     else:
         by = layout.summaries(r.get(layout.MINUTES, layout.minute_doc_id(minute)), "by")
-        sids = [(layout.sensor_of(k), layout.segments(v)) for k, v in by.items()]
+        sids = [
+            (sid, layout.segment_ids(sid, minute, v))
+            for sid, v in ((layout.sensor_of(k), v) for k, v in by.items())
+        ]
     out = {}
-    r.prefetch(
-        (layout.SAMPLES, layout.bucket_id(sid, minute, seg)) for sid, n in sids for seg in range(n)
-    )
-    for sid, n in sids:
+    r.prefetch((layout.SAMPLES, bid) for _, ids in sids for bid in ids)
+    for sid, ids in sids:
         acc = layout.summary()
-        for s in minute_samples(r, sid, minute, n):
+        for s in minute_samples(r, ids):
             if start <= s.us < end:
                 layout.add_sample(acc, s.kind, s.value)
         if acc["n"]:
@@ -477,9 +527,9 @@ def _status_total(doc: dict[str, Any] | None) -> dict[str, int]:
 
 def _edge_plan(
     r: Reader, start: int, end: int, sensor_id: str | None
-) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
+) -> tuple[dict[str, int], list[str]]:
     """Status counts of part of a minute, [start, end): what the minute summaries
-    answer, and the buckets (sensor, minute, segment) that must be read for the
+    answer, and the buckets (`_id`s) that must be read for the
     rest. A summary's ``sg`` says which of the minute's documents hold status
     readings and when: a document wholly inside counts as its summary says, one
     wholly outside not at all, and only one the window's end falls in is read.
@@ -494,44 +544,42 @@ def _edge_plan(
         doc = r.get(layout.MINUTES, layout.minute_doc_id(minute))
         by = [(layout.sensor_of(k), v) for k, v in layout.summaries(doc, "by").items()]
     known: dict[str, int] = {}
-    to_read: list[tuple[str, int, int]] = []
+    to_read: list[str] = []
     for sid, summary in by:
         if not summary.get("st"):
             continue
-        g = layout.segments(summary)
+        ids = layout.segment_ids(sid, minute, summary)
         sg = summary.get("sg")
-        if not sg or len(sg) != g:
-            to_read += [(sid, minute, i) for i in range(g)]
+        if not sg or len(sg) != len(ids):
+            to_read += ids
             continue
-        for i, e in enumerate(sg):
+        for bid, e in zip(ids, sg, strict=True):
             if e is None:
                 continue
             first, last, counts = minute + e[0], minute + e[1], e[2]
             if start <= first and last < end:
                 layout.add_counts(known, counts)
             elif not (last < start or first >= end):
-                to_read.append((sid, minute, i))
+                to_read.append(bid)
     return known, to_read
 
 
 def _edges(
     r: Reader, plan: list[tuple[str, int, int]], sensor_id: str | None
-) -> list[tuple[int, int, dict[str, int], list[tuple[str, int, int]]]]:
+) -> list[tuple[int, int, dict[str, int], list[str]]]:
     """The part-minutes of a plan: (start, end, what their summaries answer, the
     buckets still to read), with those buckets fetched in one parallel round."""
     edges = [(s, e, *_edge_plan(r, s, e, sensor_id)) for name, s, e in plan if name == "raw"]
-    r.prefetch(
-        (layout.SAMPLES, layout.bucket_id(sid, m, i)) for *_, todo in edges for sid, m, i in todo
-    )
+    r.prefetch((layout.SAMPLES, bid) for *_, todo in edges for bid in todo)
     return edges
 
 
 def _edge_count(
-    r: Reader, start: int, end: int, buckets: list[tuple[str, int, int]], counts: dict[str, int]
+    r: Reader, start: int, end: int, buckets: list[str], counts: dict[str, int]
 ) -> None:
     """Add the status readings in [start, end) of these buckets to ``counts``."""
-    for sid, minute, i in buckets:
-        doc = r.get(layout.SAMPLES, layout.bucket_id(sid, minute, i))
+    for bid in buckets:
+        doc = r.get(layout.SAMPLES, bid)
         for smp in layout.samples_of(doc) if doc else ():
             if start <= smp.us < end:
                 st = layout.status_of(smp.kind, smp.value)

@@ -19,15 +19,21 @@ from typing import Any
 
 from pymongo.database import Database
 
-from sensor_gateway import layout, storage
+from sensor_gateway import layout, queries, storage
 from sensor_gateway.config import Config
 
 log = logging.getLogger("sensor_gateway.retention")
 
 
 def _sensors(db: Database) -> list[dict[str, Any]]:
-    # One document per sensor: its cost is the number of sensors, not of readings.
-    return list(db[layout.SENSORS].find({}, {"first": 1, "last": 1}))
+    # One document per sensor (and ingest lane): its cost is the number of
+    # sensors, not of readings.
+    return list(queries.Reader(db, memo=False).sensors().values())
+
+
+def _all_lanes(db: Database, ids: list[str]) -> list[str]:
+    """The same documents in every ingest worker's lane (layout.in_lane)."""
+    return [layout.in_lane(i, lane) for lane in range(queries.known_lanes(db)) for i in ids]
 
 
 def _delete(db: Database, coll: str, ids: list[str]) -> int:
@@ -65,17 +71,22 @@ def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None)
     def delete_hour(hour: int, sensors: list[dict[str, Any]]) -> int:
         minutes: set[str] = set()
         deleted = 0
+        r = queries.Reader(db, memo=False)
         for s in sensors:
-            doc = db[layout.HOURS].find_one({"_id": layout.sensor_hour_id(s["_id"], hour)})
+            doc = r.get(layout.HOURS, layout.sensor_hour_id(s["_id"], hour))
             present = layout.summaries(doc, "m")
             minutes.update(present)
             ids = [
-                layout.bucket_id(s["_id"], hour + int(mi) * layout.US_MINUTE, i)
+                bid
                 for mi, summary in present.items()
-                for i in range(layout.segments(summary))
+                for bid in layout.segment_ids(s["_id"], hour + int(mi) * layout.US_MINUTE, summary)
             ]
             deleted += _delete(db, layout.SAMPLES, ids)
-        _delete(db, layout.MINUTES, [f"{layout.ALL}|{layout.hour_key(hour)}{mi}" for mi in minutes])
+        _delete(
+            db,
+            layout.MINUTES,
+            _all_lanes(db, [f"{layout.ALL}|{layout.hour_key(hour)}{mi}" for mi in minutes]),
+        )
         return deleted
 
     return _sweep_hours(db, "raw", cutoff_us, delete_hour, stop)
@@ -89,7 +100,7 @@ def sweep_summaries(db: Database, cutoff_us: int, stop: threading.Event | None =
         ids.append(layout.all_hour_id(hour))
         if (hour + layout.US_HOUR) % layout.US_DAY == 0:  # the day's last hour is gone
             ids.append(layout.all_day_id(hour))
-        return _delete(db, layout.HOURS, ids)
+        return _delete(db, layout.HOURS, _all_lanes(db, ids))
 
     return _sweep_hours(db, "summary", cutoff_us, delete_hour, stop)
 

@@ -14,13 +14,15 @@ Exactly once, without transactions (FerretDB has none):
 The writer knows what it wrote (a bounded cache of the buckets and summaries
 it touches) and reads a document by `_id` only the first time it needs it;
 after any failed write it forgets what the write touched and reads it again.
-This needs one writer per database at a time (the ingester); see
-docs/ARCHITECTURE.md, "Delivery guarantee".
+This needs one writer per lane at a time: each ingest worker writes documents
+of its own (``lane``, see :func:`layout.in_lane`), which readers merge; see
+docs/ARCHITECTURE.md, "Delivery guarantee" and "Ingest workers".
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import secrets
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ from typing import Any
 
 from pymongo import UpdateOne
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from sensor_gateway import layout
 from sensor_gateway.layout import MinuteState
@@ -98,8 +100,10 @@ class Writer:
         fresh_after_us: int | None = None,
         assume_empty: bool = False,
         cache_size: int = 4096,
+        lane: int = 0,
     ) -> None:
         self.db = db
+        self.lane = lane
         self.fresh_after_us = fresh_after_us
         self.assume_empty = assume_empty
         self.buckets: _Lru = _Lru(cache_size)  # minute bucket id -> MinuteState
@@ -107,6 +111,20 @@ class Writer:
         # of an hour (all sensors) and hours of a day (per sensor, from hour docs).
         self.summaries: _Lru = _Lru(cache_size)
         self.registered: _Lru = _Lru(cache_size)  # (sensor, hour, kind) already in `sensors`
+
+    def register_lane(self) -> None:
+        """Record this writer's lane before its first write, so that readers merge
+        it (``meta`` ``lanes``: one more than the highest lane ever written).
+        Read back until it holds: FerretDB may lose an update racing another
+        worker's (see layout.in_lane)."""
+        while True:
+            meta = self.db[layout.META]
+            doc = meta.find_one({"_id": "lanes"}) or {}
+            if int(doc.get("n") or 1) > self.lane:
+                return
+            # Another worker's upsert may make it first: then read again.
+            with contextlib.suppress(DuplicateKeyError):
+                meta.update_one({"_id": "lanes"}, {"$max": {"n": self.lane + 1}}, upsert=True)
 
     # -- what is there ---------------------------------------------------------------
 
@@ -148,7 +166,8 @@ class Writer:
         out: dict[str, Any] = {}
         for h in range(24):
             hour_us = day_us + h * layout.US_HOUR
-            s = self._summary_doc(layout.HOURS, layout.all_hour_id(hour_us), hour_us, "by")
+            hid = layout.all_hour_id(hour_us, self.lane)
+            s = self._summary_doc(layout.HOURS, hid, hour_us, "by")
             if sensor_field in s:
                 out[layout.hour_index(hour_us)] = s[sensor_field]
         return out
@@ -173,7 +192,7 @@ class Writer:
                     # between its bucket's write and theirs).
                     r["_us"] = seen
                     us = seen
-                groups.setdefault(layout.bucket_id(r["sensor_id"], us), []).append(r)
+                groups.setdefault(layout.bucket_id(r["sensor_id"], us, 0, self.lane), []).append(r)
             return self._write(groups)
         except BaseException:
             self.forget(groups)
@@ -189,7 +208,8 @@ class Writer:
         end = layout.floor(r["_us"], layout.US_MINUTE)
         start = end - RECEIPT_LOOKBACK_US
         for minute in range(end, start - 1, -layout.US_MINUTE):
-            if r["key"] in self._bucket(layout.bucket_id(r["sensor_id"], minute), minute).keys:
+            bid = layout.bucket_id(r["sensor_id"], minute, 0, self.lane)
+            if r["key"] in self._bucket(bid, minute).keys:
                 return minute
         return None
 
@@ -258,7 +278,9 @@ class Writer:
                     # Objects, not pairs: FerretDB stores no arrays inside arrays.
                     update["$set"] = {"a": [{"k": k, "u": u} for k, u in seg["attrs"]]}
                 sample_ops.append(
-                    UpdateOne({"_id": layout.bucket_id(sid, base, i)}, update, upsert=True)
+                    UpdateOne(
+                        {"_id": layout.bucket_id(sid, base, i, self.lane)}, update, upsert=True
+                    )
                 )
                 op_bucket.append(bid)
             if new:
@@ -341,14 +363,14 @@ class Writer:
             mi = layout.minute_index(minute)
             s = {k: v for k, v in st.summary.items() if v is not None or k != "kind"}
             # The sensor's hour: this minute's summary.
-            shid = layout.sensor_hour_id(sid, hour)
+            shid = layout.sensor_hour_id(sid, hour, self.lane)
             minutes = self._summary_doc(layout.HOURS, shid, hour, "m")
             minutes[mi] = s
             o = op(hour_ops, shid, hour)
             o["$set"][f"m.{mi}"] = layout.pack(s)
             o["$setOnInsert"]["s"] = sid
             # Every sensor's minute.
-            mid = layout.minute_doc_id(minute)
+            mid = layout.minute_doc_id(minute, self.lane)
             self._summary_doc(layout.MINUTES, mid, minute, "by")[fname] = s
             op(minute_ops, mid, minute)["$set"][f"by.{fname}"] = layout.pack(s)
             touched_hours[(sid, hour)] = None
@@ -356,31 +378,32 @@ class Writer:
                 if (sid, hour, kind) in self.registered:
                     continue
                 register.append((sid, hour, kind))
-                so = sensor_ops.setdefault(sid, {"$set": {}, "$min": {}, "$max": {}})
+                so = sensor_ops.setdefault(
+                    layout.in_lane(sid, self.lane), {"$set": {}, "$min": {}, "$max": {}}
+                )
                 so["$set"][f"kinds.{layout.field_name(kind)}"] = True
                 so["$min"]["first"] = min(so["$min"].get("first", hour), hour)
                 so["$max"]["last"] = max(so["$max"].get("last", hour), hour)
         # Every sensor's hour and day, from the sensor-hour summaries above.
         for sid, hour in touched_hours:
             fname = layout.field_name(sid)
-            minutes = self.summaries[layout.sensor_hour_id(sid, hour)]
-            hid = layout.all_hour_id(hour)
+            minutes = self.summaries[layout.sensor_hour_id(sid, hour, self.lane)]
+            hid = layout.all_hour_id(hour, self.lane)
             hs = self._summary_doc(layout.HOURS, hid, hour, "by")
             hs[fname] = layout.total(minutes.values())
             o = op(hour_ops, hid, hour)
             o["$set"][f"by.{fname}"] = layout.pack(hs[fname])
             day = layout.floor(hour, layout.US_DAY)
             hours = self._day_hours(fname, day)
-            op(hour_ops, layout.all_day_id(day), day)["$set"][f"by.{fname}"] = layout.pack(
-                layout.total(hours.values())
-            )
+            day_op = op(hour_ops, layout.all_day_id(day, self.lane), day)
+            day_op["$set"][f"by.{fname}"] = layout.pack(layout.total(hours.values()))
         # Status counts of each minute over all sensors, inside the all-sensor hour.
         for mid in minute_ops:
             minute = int(minute_ops[mid]["$setOnInsert"]["b"])
             per_sensor = self.summaries[mid]
             counts = layout.total(per_sensor.values()).get("st")
             if counts:
-                hid = layout.all_hour_id(layout.floor(minute, layout.US_HOUR))
+                hid = layout.all_hour_id(layout.floor(minute, layout.US_HOUR), self.lane)
                 op(hour_ops, hid, layout.floor(minute, layout.US_HOUR))["$set"][
                     f"ms.{layout.minute_index(minute)}"
                 ] = layout.pack_counts(counts)

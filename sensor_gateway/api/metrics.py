@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import (
@@ -63,11 +64,22 @@ class IngestCollector:
     def __init__(self, services: Services) -> None:
         self.services = services
 
+    def _read(self, r: Any) -> dict[str, float]:
+        """Every ingest worker's counters: counters added, gauges the largest."""
+        keys = self.services.keys
+        workers = self.services.cfg.ingest.workers
+        out: dict[str, float] = {}
+        for w in range(workers):
+            for name, v in r.hgetall(keys.worker_counters(w)).items():
+                pick = max if name in INGEST_GAUGES else sum
+                out[name] = pick((out.get(name, 0.0), float(v))) if name in out else float(v)
+        return out
+
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             "sensor_ingest_counters_up", "1 if the ingester's counters could be read from Redis."
         )
-        ok, values = self.services.try_redis(lambda r: r.hgetall(self.services.keys.counters))
+        ok, values = self.services.try_redis(self._read)
         if not ok:
             up.add_metric([], 0)
             yield up

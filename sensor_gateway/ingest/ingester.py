@@ -68,6 +68,9 @@ class Ingester:
         )
         self.latest = LatestCache(cfg, self.counters)
         self.finisher = Finisher(self.latest, self.receiver)
+        # Worker 0 alone sweeps and publishes stats: they read every lane, and
+        # twice the work would change nothing.
+        self.leader = self.icfg.worker == 0
         self.retention = retention.Sweeper(cfg, self.stop_event)
         self.stats_publisher: Any = None  # a StatsPublisher when ingest.stats_topic is set
 
@@ -79,6 +82,7 @@ class Ingester:
             try:
                 storage.ping(self.db)
                 storage.prepare(self.db, self.cfg)
+                self.store.writer.register_lane()
                 return
             except storage.DatabaseError as exc:
                 if storage.classify(exc) == storage.PERMANENT:
@@ -97,14 +101,15 @@ class Ingester:
         self.latest.check()
         rx = self.receiver
         rx.connect()
-        self.notifier.status(f"waiting for the MQTT subscription to {self.icfg.topic}")
+        self.notifier.status(f"waiting for the MQTT subscription to {rx.topic_filter}")
         deadline = None if ready_timeout is None else time.monotonic() + ready_timeout
         while not rx.subscribed.wait(0.5):
             if self.stop_event.is_set() or (deadline and time.monotonic() > deadline):
                 return False
         log.info(
-            "subscribed to %r, receive maximum %d, maximum packet size %d",
-            self.icfg.topic,
+            "subscribed to %r as %r, receive maximum %d, maximum packet size %d",
+            rx.topic_filter,
+            rx.client_id,
             rx.receive_maximum,
             rx.maximum_packet_size,
         )
@@ -140,8 +145,9 @@ class Ingester:
 
     def run(self) -> None:
         self.finisher.start()
-        self.retention.start()
-        if self.stats_publisher is not None:
+        if self.leader:
+            self.retention.start()
+        if self.stats_publisher is not None and self.leader:
             self.stats_publisher.start(self.stop_event)
         self.receiver.consuming.set()
         try:

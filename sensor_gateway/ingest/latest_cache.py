@@ -33,7 +33,7 @@ class LatestCache:
         self.latest_n = cfg.ingest.latest_n
         self.counters = counters
         self.redis = cache.connect(cfg)
-        self.keys = cache.Keys(cfg.redis.key_prefix)
+        self.keys = cache.Keys(cfg.redis.key_prefix, cfg.ingest.worker)
         self.ok = True
         # Sensors written while Redis was away: their latest-N is rebuilt on return.
         self.dirty: set[str] = set()

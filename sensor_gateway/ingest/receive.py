@@ -86,7 +86,7 @@ class Receiver:
         self._stale_lock = threading.Lock()
         self.client = make_client(
             cfg,
-            self.icfg.client_id,
+            self.client_id,
             self.icfg.mqtt_username,
             self.icfg.mqtt_password_file,
             manual_ack=True,
@@ -96,6 +96,28 @@ class Receiver:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
+
+    @property
+    def client_id(self) -> str:
+        """Worker 0 keeps the single ingester's id, and so its session's queue."""
+        i = self.icfg
+        return i.client_id if i.worker == 0 else f"{i.client_id}-{i.worker}"
+
+    @property
+    def topic_filter(self) -> str:
+        """Several workers share one subscription: the broker hands each message
+        to one of them (MQTT 5 shared subscriptions, also served to 3.1.1 clients
+        by Mosquitto)."""
+        i = self.icfg
+        return f"$share/{i.share_group}/{i.topic}" if i.workers > 1 else i.topic
+
+    @property
+    def other_filter(self) -> str:
+        """The filter of the other mode, which a resumed session may still hold
+        from before ``ingest.workers`` changed: holding both would bring every
+        message once for each (the second copy a duplicate, but a wasted one)."""
+        i = self.icfg
+        return i.topic if i.workers > 1 else f"$share/{i.share_group}/{i.topic}"
 
     @property
     def receive_maximum(self) -> int:
@@ -131,7 +153,9 @@ class Receiver:
             self.cfg.mqtt.port,
             "resumed" if resumed else "new",
         )
-        client.subscribe(self.icfg.topic, qos=1)
+        client.subscribe(self.topic_filter, qos=1)
+        if resumed:
+            client.unsubscribe(self.other_filter)
 
     def _set_aside_queue(self) -> None:
         with self._stale_lock:
@@ -173,7 +197,7 @@ class Receiver:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
-            log.error("MQTT subscribe to %r refused: %s", self.icfg.topic, reason_codes)
+            log.error("MQTT subscribe to %r refused: %s", self.topic_filter, reason_codes)
             return
         self.subscribed.set()
 

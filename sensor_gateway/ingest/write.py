@@ -66,6 +66,7 @@ class BatchStore:
             db,
             fresh_after_us=layout.to_us(datetime.now(UTC))
             + int(cfg.ingest.max_future_skew_s * 1_000_000),
+            lane=cfg.ingest.worker,
         )
 
     def write(self, v: Validated) -> list[dict[str, Any]]:
