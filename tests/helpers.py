@@ -179,9 +179,10 @@ class Gateway:
         self.procs.append(p)
         return p
 
-    def spawn_ingester(self, timeout: float = 30.0) -> subprocess.Popen:
-        """Start ``sensor-gateway ingest`` and wait until it has subscribed."""
-        p = self.spawn("ingest")
+    def spawn_ingester(self, timeout: float = 30.0, worker: int = 0) -> subprocess.Popen:
+        """Start ``sensor-gateway ingest`` (as ingest worker ``worker``, the way
+        sensor-ingest@.service does) and wait until it has subscribed."""
+        p = self.spawn("ingest", env={"SENSOR_GATEWAY_INGEST__WORKER": str(worker)})
         wait_for(
             lambda: p.poll() is not None or "subscribed to" in p.log_path.read_text(),
             timeout,
@@ -225,11 +226,16 @@ class Gateway:
     # -- teardown ------------------------------------------------------------------
 
     def forget_session(self) -> None:
-        """Remove the ingester's persistent session so the broker stops queueing for it."""
+        """Remove the ingesters' persistent sessions so the broker stops queueing for them."""
+        base = self.cfg.ingest.client_id
+        for w in range(self.cfg.ingest.workers):
+            self._forget(f"{base}-{w}" if w else base)
+
+    def _forget(self, client_id: str) -> None:
         ok = threading.Event()
         c = make_client(
             self.cfg,
-            self.cfg.ingest.client_id,
+            client_id,
             self.cfg.ingest.mqtt_username,
             self.cfg.ingest.mqtt_password_file,
         )

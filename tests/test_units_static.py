@@ -16,7 +16,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO / "systemd"
-SERVICES = ("sensor-simulator.service", "sensor-ingest.service", "sensor-api.service")
+SERVICES = (
+    "sensor-simulator.service",
+    "sensor-ingest.service",
+    "sensor-ingest@.service",
+    "sensor-api.service",
+)
 UNITS = (*SERVICES, "sensor-gateway.target")
 MAX_EXPOSURE = 2.0
 EXEC = "/opt/sensor-gateway/venv/bin/sensor-gateway"
@@ -99,3 +104,26 @@ def test_units_follow_the_conventions() -> None:
         assert "Restart=on-failure" in text and "PartOf=sensor-gateway.target" in text, unit
         for m in re.finditer(r"^LoadCredential=([^:\n]+):(\S+)$", text, re.M):
             assert m.group(2) == f"/etc/sensor-gateway/credentials/{m.group(1)}", unit
+
+
+def test_the_worker_template_is_the_ingester_but_for_its_number() -> None:
+    """sensor-ingest@.service is sensor-ingest.service (worker 0) but for the
+    worker number and the FerretDB indexing worker 0 does: no hardening line
+    may drift between them."""
+
+    def body(name: str) -> list[str]:
+        lines = (UNIT_DIR / name).read_text().splitlines()
+        start = lines.index("[Unit]")
+        return [ln for ln in lines[start:] if not ln.startswith("#")]
+
+    single, template = body("sensor-ingest.service"), body("sensor-ingest@.service")
+    only_single = [ln for ln in single if ln not in template]
+    only_template = [ln for ln in template if ln not in single]
+    assert only_single == [
+        "Description=sensor-gateway ingester (MQTT to MongoDB and Redis)",
+        f"ExecStartPost=-+{EXEC} ferretdb-index",
+    ]
+    assert only_template == [
+        "Description=sensor-gateway ingest worker %i (MQTT to MongoDB and Redis)",
+        "Environment=SENSOR_GATEWAY_INGEST__WORKER=%i",
+    ]
