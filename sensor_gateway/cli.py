@@ -65,10 +65,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from sensor_gateway.ingest import Ingester
 
+    if args.retire:
+        # A retired worker's number is past ingest.workers once that was lowered.
+        worker = os.environ.get(f"{config_mod.ENV_PREFIX}INGEST__WORKER", "0")
+        os.environ.setdefault(f"{config_mod.ENV_PREFIX}INGEST__WORKERS", "1")
+        if worker.isdigit():
+            n = max(int(os.environ[f"{config_mod.ENV_PREFIX}INGEST__WORKERS"]), int(worker) + 1)
+            os.environ[f"{config_mod.ENV_PREFIX}INGEST__WORKERS"] = str(n)
     cfg = _load(args)
     notifier = Notifier()
-    ingester = Ingester(cfg, notifier)
-    if cfg.ingest.stats_topic:
+    ingester = Ingester(cfg, notifier, retire=args.retire)
+    if cfg.ingest.stats_topic and not args.retire:
         from sensor_gateway.stats_topic import StatsPublisher
 
         ingester.stats_publisher = StatsPublisher.for_client(
@@ -448,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("ingest", help="run the ingester (MQTT → MongoDB + Redis)")
+    s.add_argument(
+        "--retire",
+        action="store_true",
+        help="retire this ingest worker (SENSOR_GATEWAY_INGEST__WORKER, its service "
+        "stopped): leave the shared subscription, write what its session still holds, "
+        "then end the session; exits once nothing came for a few seconds",
+    )
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser(

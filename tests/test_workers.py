@@ -57,3 +57,34 @@ def test_a_worker_away_gets_its_share_when_back(gateway: Gateway) -> None:
     gateway.spawn_ingester(worker=1)
     assert_exactly_once(gateway, sim.run_id, n)
     assert w0.poll() is None
+
+
+def test_lowering_workers_retires_one_without_losing_its_share(gateway: Gateway) -> None:
+    """From two workers to one: the worker retired (`ingest --retire`, as the
+    Ansible role runs it) writes the share its session held and leaves the shared
+    subscription; worker 0, restarted with workers = 1, subscribes alone and
+    drops its shared subscription. Then nothing is queued for an absent worker."""
+    gateway.set(ingest={"workers": 2})
+    w0 = gateway.spawn_ingester(worker=0)
+    w1 = gateway.spawn_ingester(worker=1)
+    w1.send_signal(signal.SIGTERM)
+    assert w1.wait(30) == 0
+    first = gateway.publish(2000, rate=2000)
+    time.sleep(1)
+    assert gateway.stored() < 2000, "worker 1 had no share waiting: the test proves nothing"
+    # The configuration now says one worker; worker 0 restarts with it.
+    w0.send_signal(signal.SIGTERM)
+    assert w0.wait(30) == 0
+    gateway.set(ingest={"workers": 1})
+    gateway.spawn_ingester(worker=0)
+    retire = gateway.spawn("ingest", "--retire", env={"SENSOR_GATEWAY_INGEST__WORKER": "1"})
+    assert retire.wait(60) == 0, retire.log_path.read_text()
+    assert "retired" in retire.log_path.read_text()
+    assert_exactly_once(gateway, first.run_id, 2000)
+    # Worker 1's session is gone: every later message reaches worker 0.
+    second = gateway.publish(1000, rate=2000)
+    gateway.wait_stored(3000, timeout=60)
+    time.sleep(1)
+    mine = [r for r in gateway.readings() if r["msg_id"].startswith(second.run_id)]
+    assert len(mine) == 1000 and len({r["msg_id"] for r in mine}) == 1000
+    assert all(layout.lane_of(r["_id"].rpartition(".")[0])[1] == 0 for r in mine)

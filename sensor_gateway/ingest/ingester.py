@@ -40,10 +40,12 @@ log = logging.getLogger("sensor_gateway.ingest")
 # Exit status of a permanent database error (sysexits' EX_CONFIG); the unit's
 # RestartPreventExitStatus= keeps systemd from restarting into the same wall.
 EXIT_PERMANENT = 78
+# A retiring worker's session has given all it held once nothing came for this long.
+RETIRE_IDLE_S = 3.0
 
 
 class Ingester:
-    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None, retire: bool = False) -> None:
         self.cfg = cfg
         self.icfg = cfg.ingest
         self.notifier = notifier or Notifier()
@@ -56,7 +58,9 @@ class Ingester:
         self.fatal: str | None = None
         self.reject_log = RateLimitedLogger(log, self.icfg.reject_log_per_min)
         self.db = storage.connect(cfg, appname="sensor-ingest")
-        self.receiver = Receiver(cfg, self.counters, self.stop_event)
+        # Retiring a worker: write what its session holds, then end it (cli --retire).
+        self.retire = retire
+        self.receiver = Receiver(cfg, self.counters, self.stop_event, retire=retire)
         self.store = BatchStore(
             cfg,
             self.db,
@@ -70,7 +74,7 @@ class Ingester:
         self.finisher = Finisher(self.latest, self.receiver)
         # Worker 0 alone sweeps and publishes stats: they read every lane, and
         # twice the work would change nothing.
-        self.leader = self.icfg.worker == 0
+        self.leader = self.icfg.worker == 0 and not retire
         self.retention = retention.Sweeper(cfg, self.stop_event)
         self.stats_publisher: Any = None  # a StatsPublisher when ingest.stats_topic is set
 
@@ -150,10 +154,15 @@ class Ingester:
         if self.stats_publisher is not None and self.leader:
             self.stats_publisher.start(self.stop_event)
         self.receiver.consuming.set()
+        idle_since = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 try:
-                    self.step()
+                    if self.step():
+                        idle_since = time.monotonic()
+                    elif self.retire and time.monotonic() - idle_since > RETIRE_IDLE_S:
+                        log.info("retired: the session held nothing more")
+                        self.stop()
                 except storage.PermanentError:
                     raise
                 except storage.DatabaseError:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from sensor_gateway.config import Config
 from sensor_gateway.ingest.counters import Counters
@@ -62,8 +64,16 @@ class Incoming:
 class Receiver:
     """The ingester's MQTT session: a persistent one, acknowledged by hand."""
 
-    def __init__(self, cfg: Config, counters: Counters, stop_event: threading.Event) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        counters: Counters,
+        stop_event: threading.Event,
+        retire: bool = False,
+    ) -> None:
         self.cfg = cfg
+        # Retiring: unsubscribe, so that only what the session already holds comes.
+        self.retire = retire
         self.icfg = cfg.ingest
         self.counters = counters
         self.stop_event = stop_event
@@ -95,6 +105,7 @@ class Receiver:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_message = self._on_message
 
     @property
@@ -153,6 +164,9 @@ class Receiver:
             self.cfg.mqtt.port,
             "resumed" if resumed else "new",
         )
+        if self.retire:
+            client.unsubscribe([self.topic_filter, self.other_filter])
+            return
         client.subscribe(self.topic_filter, qos=1)
         if resumed:
             client.unsubscribe(self.other_filter)
@@ -200,6 +214,10 @@ class Receiver:
             log.error("MQTT subscribe to %r refused: %s", self.topic_filter, reason_codes)
             return
         self.subscribed.set()
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if self.retire:
+            self.subscribed.set()  # "ready": nothing new will come
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.subscribed.clear()
@@ -253,5 +271,10 @@ class Receiver:
         deadline = time.monotonic() + 2.0
         while self.client.want_write() and time.monotonic() < deadline:
             time.sleep(0.01)
-        self.client.disconnect()
+        props = None
+        if self.retire and self.cfg.mqtt.protocol == "5":
+            # The session ends with this connection: the broker forgets it.
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
         self.client.loop_stop()
