@@ -21,7 +21,10 @@ Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*
   summary of an hour (``by``) and the status counts of each of its minutes
   (``ms``); ``*|YYYYMMDD`` every sensor's summary of a day (``by``).
 - ``sensors``  ``<sid>``               kinds seen, first and last hour with readings.
-- ``meta``     ``layout``, ``retention``, ``migration``.
+- ``meta``     ``layout``, ``retention``, ``migration``, ``lanes``.
+
+Ingest worker n > 0 writes the same documents with ``@<n>`` in their `_id`
+(:func:`in_lane`): one writer per document; reads merge the lanes (:func:`merge`).
 
 A summary is ``{"n", "sum", "min", "max", "kind", "st", "g"}``; ``st`` counts
 each status 0–6 among readings of kind ``status``, ``g`` is how many documents
