@@ -34,7 +34,12 @@ WHEELHOUSE = REPO / ".cache" / "wheelhouse"
 VENV = "/opt/sensor-gateway/venv"
 ETC = "/etc/sensor-gateway"
 CREDS = f"{ETC}/credentials"
-UNITS = ("sensor-simulator.service", "sensor-ingest.service", "sensor-api.service")
+UNITS = (
+    "sensor-simulator.service",
+    "sensor-ingest.service",
+    "sensor-ingest@.service",
+    "sensor-api.service",
+)
 TARGET = "sensor-gateway.target"
 
 

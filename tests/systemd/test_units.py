@@ -422,3 +422,50 @@ def test_wrong_mongodb_password_fails_the_unit_visibly(gw: Gateway) -> None:
     # Back on the right configuration it runs.
     gw.start(INGEST)
     gw.wait_state(INGEST, "active")
+
+
+# -- ingest workers ------------------------------------------------------------------
+
+WORKER = "sensor-ingest@1.service"
+WORKERS_DROPINS = (
+    "/etc/systemd/system/sensor-ingest.service.d/workers.conf",
+    "/etc/systemd/system/sensor-ingest@.service.d/workers.conf",
+)
+
+
+def test_a_worker_unit_shares_the_stream_and_is_restarted_after_kill_9(gw: Gateway) -> None:
+    """sensor-ingest (worker 0) and sensor-ingest@1 on one shared subscription:
+    both READY, both write; worker 1 killed with SIGKILL mid-stream is
+    restarted by systemd, and every reading is stored exactly once."""
+    for path in WORKERS_DROPINS:
+        gw.c.put_file(path, "[Service]\nEnvironment=SENSOR_GATEWAY_INGEST__WORKERS=2\n")
+    gw.c.systemctl("daemon-reload")
+    try:
+        gw.start(INGEST)
+        gw.start(WORKER)
+        assert gw.state(INGEST) == "active" and gw.state(WORKER) == "active"
+        assert "subscribed to '$share/sensor-ingest/sensors/#'" in gw.journal(WORKER)
+        first = gw.main_pid(WORKER)
+        sim = gw.simulate(6000, 500)
+        gw.c.wait_for(lambda: gw.counts()[0] > 1500, 60, 0.5, "ingest under way")
+        gw.c.systemctl("kill", "--signal=KILL", WORKER)
+        gw.c.wait_for(
+            lambda: gw.state(WORKER) == "active" and gw.main_pid(WORKER) not in (0, first),
+            30,
+            what="systemd to restart worker 1",
+        )
+        gw.wait_published(sim)
+        gw.assert_all_stored(6000)
+        assert int(gw.prop(WORKER, "NRestarts")) == 1
+        lanes = gw.probe("lanes").split()
+        assert lanes == ["0", "1"], lanes
+    finally:
+        gw.c.systemctl("stop", WORKER, check=False)
+        gw.c.run("rm", "-f", *WORKERS_DROPINS)
+        gw.c.systemctl("daemon-reload")
+        gw.c.run(  # worker 1's session: gone, so no later test's messages wait in it
+            "sh",
+            "-c",
+            f"mosquitto_pub -h 127.0.0.1 -i sensor-ingest-1 -u sensor-ingest "
+            f'-P "$(cat {CREDS}/mqtt-ingest-password)" -t stats/systemd-test -m x',
+        )
