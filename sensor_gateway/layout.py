@@ -21,7 +21,9 @@ Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*
   summary of an hour (``by``) and the status counts of each of its minutes
   (``ms``); ``*|YYYYMMDD`` every sensor's summary of a day (``by``).
 - ``sensors``  ``<sid>``               kinds seen, first and last hour with readings.
-- ``meta``     ``layout``, ``retention``, ``migration``, ``lanes``.
+- ``packs``    ``<sid>|YYYYMMDDHH``    a settled hour of one sensor's readings in one
+  document (``d``: one JSON string), a copy for reads (:mod:`sensor_gateway.compaction`).
+- ``meta``     ``layout``, ``retention``, ``migration``, ``lanes``, ``compaction``.
 
 Ingest worker n > 0 writes the same documents with ``@<n>`` in their `_id`
 (:func:`in_lane`): one writer per document; reads merge the lanes (:func:`merge`).
@@ -44,6 +46,7 @@ tier (``ingest.retention_days``); ``hours`` the summary tier
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,10 +57,11 @@ SAMPLES = "samples"
 MINUTES = "minutes"
 HOURS = "hours"
 SENSORS = "sensors"
+PACKS = "packs"
 META = "meta"
 REJECTED = "rejected"
 # Collections read by `_id` (FerretDB needs an SQL index on each, see ferretdb.py).
-BY_ID = (SAMPLES, MINUTES, HOURS, SENSORS, META)
+BY_ID = (SAMPLES, MINUTES, HOURS, SENSORS, PACKS, META)
 # The one-document-per-reading layout of version 1, read by `sensor-gateway migrate`.
 FLAT_READINGS = "readings"
 FLAT_ROLLUPS = "rollups_minute"
@@ -488,3 +492,49 @@ class MinuteState:
             s["st"] = dict(s["st"])
         seg = [None if e is None else [e[0], e[1], dict(e[2])] for e in self.seg]
         return MinuteState(set(self.keys), self.n, self.last_n, list(self.last_attrs), s, seg)
+
+
+# -- packs ----------------------------------------------------------------------------
+
+# An hour is packed once it ended this long ago (late readings are rare by then;
+# one that comes anyway makes reads use the buckets again, see pack_holds).
+PACK_SETTLE_US = 2 * US_HOUR
+
+
+def pack_samples(samples: list[Sample], hour_us: int) -> str:
+    """A sensor's readings of one hour as one string (FerretDB reads one value
+    far faster than the ~120 documents the hour's buckets are at 1 Hz)."""
+    attrs: dict[tuple[str, str | None], int] = {}
+    t, v, a, m, p = [], [], [], [], []
+    for smp in samples:
+        t.append(smp.us - hour_us)
+        v.append(smp.value)
+        a.append(attrs.setdefault((smp.kind, smp.unit), len(attrs)))
+        m.append(smp.msg_id)
+        p.append(smp.lane * LANE_POSITIONS + smp.pos)
+    data = {"t": t, "v": v, "a": a, "at": [list(k) for k in attrs], "m": m, "p": p}
+    return json.dumps(data, separators=(",", ":"))
+
+
+def samples_of_pack(doc: dict[str, Any]) -> list[Sample]:
+    sid, hour = doc["s"], doc["b"]
+    d = json.loads(doc["d"])
+    attrs = [(k, u) for k, u in d["at"]]
+    out = []
+    for t, v, ai, mid, lp in zip(d["t"], d["v"], d["a"], d["m"], d["p"], strict=True):
+        us = hour + t
+        lane, pos = divmod(lp, LANE_POSITIONS)
+        kind, unit = attrs[ai]
+        out.append(Sample(sid, us, pos, v, kind, unit, mid, bucket_id(sid, us, 0, lane), lane))
+    return out
+
+
+def minute_counts(summaries_m: dict[str, Any]) -> dict[str, int]:
+    """Readings per minute of a sensor's hour (``m`` summaries)."""
+    return {mi: int(s["n"]) for mi, s in summaries_m.items() if s and s.get("n")}
+
+
+def pack_holds(pack: dict[str, Any] | None, summaries_m: dict[str, Any]) -> bool:
+    """Whether a pack holds exactly what the hour's summaries count, minute by
+    minute: a reading written after the pack makes its minute's count differ."""
+    return bool(pack) and pack.get("mn") == minute_counts(summaries_m)

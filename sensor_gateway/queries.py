@@ -295,6 +295,7 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
     hours = range(layout.floor(lo, US_HOUR), hi, US_HOUR)
     # Minutes fetched at once: as many as a page of a 1 Hz sensor spans, at most 8.
     ahead = max(1, min(PREFETCH_MINUTES, q.limit // 60 + 1))
+    packed_before = layout.to_us(datetime.now(UTC)) - layout.PACK_SETTLE_US - US_HOUR
     for hour in reversed(hours) if desc else hours:
         present = [
             sid for sid, d in sensors.items() if d.get("first", 0) <= hour <= d.get("last", -1)
@@ -304,26 +305,37 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
             by = (r.get(layout.HOURS, layout.all_hour_id(hour)) or {}).get("by") or {}  # names
             present = [sid for sid in present if layout.field_name(sid) in by]
         by_minute: dict[int, list[tuple[str, list[str]]]] = {}
-        r.prefetch((layout.HOURS, layout.sensor_hour_id(sid, hour)) for sid in present)
-        for sid in present:
-            doc = r.get(layout.HOURS, layout.sensor_hour_id(sid, hour)) or {}
-            for mi, summary in layout.summaries(doc, "m").items():
+        # Readings of settled hours from their packs (compaction.py), by minute.
+        from_packs: dict[int, list[Sample]] = {}
+        ids = [layout.sensor_hour_id(sid, hour) for sid in present]
+        packable = hour < packed_before
+        colls = (layout.HOURS, layout.PACKS) if packable else (layout.HOURS,)
+        r.prefetch((c, i) for i in ids for c in colls)
+        for sid, hid in zip(present, ids, strict=True):
+            m = layout.summaries(r.get(layout.HOURS, hid), "m")
+            pack = r.get(layout.PACKS, hid) if packable else None
+            if layout.pack_holds(pack, m):
+                for s in layout.samples_of_pack(pack):
+                    if lo <= s.us < hi:
+                        from_packs.setdefault(layout.floor(s.us, US_MINUTE), []).append(s)
+                continue
+            for mi, summary in m.items():
                 minute = hour + int(mi) * US_MINUTE
                 if minute + US_MINUTE > lo and minute < hi and q.may_hold(summary):
-                    ids = layout.segment_ids(sid, minute, summary)
-                    by_minute.setdefault(minute, []).append((sid, ids))
-        minutes = sorted(by_minute, reverse=desc)
+                    bids = layout.segment_ids(sid, minute, summary)
+                    by_minute.setdefault(minute, []).append((sid, bids))
+        minutes = sorted(set(by_minute) | set(from_packs), reverse=desc)
         for i, minute in enumerate(minutes):
             if i % ahead == 0:
                 r.prefetch(
                     (layout.SAMPLES, bid)
                     for m in minutes[i : i + ahead]
-                    for _, ids in by_minute[m]
-                    for bid in ids
+                    for _, bids in by_minute.get(m, ())
+                    for bid in bids
                 )
-            found: list[Sample] = []
-            for _, ids in by_minute[minute]:
-                found.extend(s for s in minute_samples(r, ids) if lo <= s.us < hi)
+            found: list[Sample] = list(from_packs.get(minute, ()))
+            for _, bids in by_minute.get(minute, ()):
+                found.extend(s for s in minute_samples(r, bids) if lo <= s.us < hi)
             found = [s for s in found if q.matches(s)]
             found.sort(key=Sample.order_key, reverse=desc)
             for s in found:

@@ -1,7 +1,7 @@
 """Retention per tier, in a thread of its own (never on the ingest path).
 
-- raw tier (``ingest.retention_days``): minute buckets and every-sensor minute
-  summaries;
+- raw tier (``ingest.retention_days``): minute buckets, their hourly packs and
+  every-sensor minute summaries;
 - summary tier (``ingest.summary_retention_days``, 0 = forever): per-sensor and
   every-sensor hour summaries and day summaries.
 Documents are deleted by their computed `_id`, an hour at a time from where
@@ -82,6 +82,8 @@ def sweep_raw(db: Database, cutoff_us: int, stop: threading.Event | None = None)
                 for bid in layout.segment_ids(s["_id"], hour + int(mi) * layout.US_MINUTE, summary)
             ]
             deleted += _delete(db, layout.SAMPLES, ids)
+        # The hour's packs are copies of what was just deleted.
+        _delete(db, layout.PACKS, [layout.sensor_hour_id(s["_id"], hour) for s in sensors])
         _delete(
             db,
             layout.MINUTES,

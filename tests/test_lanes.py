@@ -68,15 +68,22 @@ def _load(gateway: Gateway, rs: list[dict], seed: int) -> None:
     queries._lanes_seen.clear()
 
 
-def test_concurrent_lanes_answer_as_one(gateway: Gateway) -> None:
-    rng = random.Random(11)
-    rs = dataset(rng)
+def lanes_dataset() -> list[dict]:
+    rs = dataset(random.Random(11))
     # Readings of one sensor at the same µs (each lane numbers its own arrivals).
     rs += [_reading("tie", DAY, float(v), f"tie-{v}", "temperature") for v in range(12)]
+    return rs
+
+
+def test_concurrent_lanes_answer_as_one(gateway: Gateway) -> None:
+    rs = lanes_dataset()
     _load(gateway, rs, 5)
-    db = gateway.db
-    r = queries.Reader(db)
-    assert r.lanes == LANES
+    assert queries.Reader(gateway.db).lanes == LANES
+    assert_reads_match(gateway.db, rs)
+
+
+def assert_reads_match(db, rs: list[dict]) -> None:
+    """Every read path over ``db`` answers as a count over ``rs`` does."""
     assert queries.count_all(db) == len(rs)
 
     # Status counts, every window of the single-lane test.
@@ -104,7 +111,13 @@ def test_concurrent_lanes_answer_as_one(gateway: Gateway) -> None:
             assert (s["n"], s["min"], s["max"]) == (len(vals), min(vals), max(vals)), sid
             assert abs(s["sum"] - sum(vals)) < 1e-6 * max(1.0, abs(sum(vals)))
 
-    # Every reading once, in time order, through pages and cursors, both ways.
+    assert_walks_match(db, rs, "st.a", ("st-b", "tie", "temp"))
+
+
+def assert_walks_match(db, rs: list[dict], value_sensor: str, latest_sensors: tuple) -> None:
+    """Every reading once, in time order, through pages and cursors, both ways;
+    a value range; the latest ten."""
+
     def walk(**kw) -> list[tuple[int, str, float]]:
         out: list[tuple[int, str, float]] = []
         cursor = None
@@ -125,11 +138,11 @@ def test_concurrent_lanes_answer_as_one(gateway: Gateway) -> None:
     assert [g[:2] for g in got] == [w[:2] for w in reversed(want)]
     assert sorted(got) == want
     # A value range of one sensor.
-    got = walk(sensor_id="st.a", min_value=2, max_value=4)
-    assert sorted(got) == [w for w in want if w[1] == "st.a" and 2 <= w[2] <= 4]
+    got = walk(sensor_id=value_sensor, min_value=2, max_value=4)
+    assert sorted(got) == [w for w in want if w[1] == value_sensor and 2 <= w[2] <= 4]
 
     # Latest ten of a sensor: the ten newest by time, whichever lane holds them.
-    for sid in ("st-b", "tie", "temp"):
+    for sid in latest_sensors:
         got = [
             (layout.to_us(_parse(p["timestamp"])), p["value"]) for p in queries.latest(db, 10, sid)
         ]

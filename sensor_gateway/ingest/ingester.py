@@ -7,7 +7,8 @@ write (:class:`.write.BatchStore`) → acknowledge (:class:`.acknowledge.Finishe
 Redis, then PUBACKs, in a thread of its own).
 
 Scheduled work runs beside the loop, never in it: retention
-(:class:`sensor_gateway.retention.Sweeper`) and the stats topic
+(:class:`sensor_gateway.retention.Sweeper`), packing settled hours for reads
+(:class:`sensor_gateway.compaction.Compactor`) and the stats topic
 (:class:`sensor_gateway.stats_topic.StatsPublisher`), each in its own thread.
 
 Stopping (SIGTERM): take no new messages (those the broker sends meanwhile
@@ -22,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from sensor_gateway import retention, storage
+from sensor_gateway import compaction, retention, storage
 from sensor_gateway.config import Config
 from sensor_gateway.ingest.acknowledge import Finisher
 from sensor_gateway.ingest.batch import collect
@@ -76,6 +77,7 @@ class Ingester:
         # twice the work would change nothing.
         self.leader = self.icfg.worker == 0 and not retire
         self.retention = retention.Sweeper(cfg, self.stop_event)
+        self.compactor = compaction.Compactor(cfg, self.stop_event)
         self.stats_publisher: Any = None  # a StatsPublisher when ingest.stats_topic is set
 
     # -- start-up ----------------------------------------------------------------
@@ -151,6 +153,7 @@ class Ingester:
         self.finisher.start()
         if self.leader:
             self.retention.start()
+            self.compactor.start()
         if self.stats_publisher is not None and self.leader:
             self.stats_publisher.start(self.stop_event)
         self.receiver.consuming.set()
