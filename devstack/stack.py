@@ -121,10 +121,14 @@ class Mosquitto(Service):
     passwords: dict[str, str] = field(default_factory=dict)
     # Devices with credentials of their own (user name = sensor id).
     device_users: tuple[str, ...] = ()
+    # More users, each with its ACL lines: e.g. an edge's bridge on a central broker.
+    extra_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Appended to mosquitto.conf as is: another listener (TLS), a bridge.
+    extra_conf: str = ""
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        users = (*MQTT_USERS, *self.device_users)
+        users = (*MQTT_USERS, *self.device_users, *self.extra_users)
         self.passwords = {u: secrets.token_urlsafe(16) for u in users}
         pwfile = self.dir / "passwd"
         pwfile.write_text("")
@@ -133,15 +137,23 @@ class Mosquitto(Service):
                 ["mosquitto_passwd", "-b", str(pwfile), user, pw], check=True, capture_output=True
             )
         pwfile.chmod(0o600)
-        (self.dir / "acl").write_text(mosquitto_acl(self.device_users))
-        (self.dir / "mosquitto.conf").write_text(
+        extra_acl = "".join(
+            f"\nuser {u}\n" + "".join(f"{rule}\n" for rule in rules)
+            for u, rules in self.extra_users.items()
+        )
+        (self.dir / "acl").write_text(mosquitto_acl(self.device_users) + extra_acl)
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
             mosquitto_conf(
                 port=self.port,
                 data_dir=self.dir,
                 password_file=self.dir / "passwd",
                 acl_file=self.dir / "acl",
             )
+            + (f"\n{self.extra_conf}" if self.extra_conf else "")
         )
+        if self.extra_conf:
+            conf.chmod(0o600)  # a bridge's remote_password may be in it
 
     def command(self) -> list[str]:
         return [
