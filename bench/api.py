@@ -106,7 +106,7 @@ sys.path.insert(0, str(REPO))
 
 from devstack.ports import free_port, wait_port  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
-from sensor_gateway import averages, cache, config, layout, queries, storage  # noqa: E402
+from sensor_gateway import averages, cache, compaction, config, layout, queries, storage  # noqa: E402
 from sensor_gateway.model import iso  # noqa: E402
 from sensor_gateway.writer import Writer  # noqa: E402
 
@@ -275,6 +275,11 @@ def fill(
         log(f"{new:,} readings of the last {now_minutes} minutes ({time.monotonic() - t:.0f} s)")
         stats["now_readings"] = new
     storage.prepare(db, cfg)
+    # Settled hours packed for reads, as ingest worker 0 does in its own thread.
+    t = time.monotonic()
+    packed = compaction.compact(db, layout.to_us(datetime.now(UTC)))
+    stats.update(compact_s=round(time.monotonic() - t, 1), packs_written=packed)
+    log(f"packed {packed:,} sensor-hours ({stats['compact_s']} s)")
     # Redis' latest sets, as the ingester leaves them.
     r = cache.connect(cfg)
     keys = cache.Keys(cfg.redis.key_prefix)
