@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -516,13 +517,19 @@ def pack_samples(samples: list[Sample], hour_us: int) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def samples_of_pack(doc: dict[str, Any]) -> list[Sample]:
+def samples_of_pack(
+    doc: dict[str, Any], keep: Callable[[int, float], bool] | None = None
+) -> list[Sample]:
+    """A pack's readings, those ``keep(µs, value)`` accepts (a page of a value
+    range keeps a few of the hour's thousands: only those are made Samples)."""
     sid, hour = doc["s"], doc["b"]
     d = json.loads(doc["d"])
     attrs = [(k, u) for k, u in d["at"]]
     out = []
     for t, v, ai, mid, lp in zip(d["t"], d["v"], d["a"], d["m"], d["p"], strict=True):
         us = hour + t
+        if keep is not None and not keep(us, v):
+            continue
         lane, pos = divmod(lp, LANE_POSITIONS)
         kind, unit = attrs[ai]
         out.append(Sample(sid, us, pos, v, kind, unit, mid, bucket_id(sid, us, 0, lane), lane))

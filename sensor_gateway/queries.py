@@ -19,6 +19,7 @@ import base64
 import binascii
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -296,6 +297,12 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
     # Minutes fetched at once: as many as a page of a 1 Hz sensor spans, at most 8.
     ahead = max(1, min(PREFETCH_MINUTES, q.limit // 60 + 1))
     packed_before = layout.to_us(datetime.now(UTC)) - layout.PACK_SETTLE_US - US_HOUR
+    vmin = q.min_value if q.min_value is not None else -math.inf
+    vmax = q.max_value if q.max_value is not None else math.inf
+
+    def keep(us: int, value: float) -> bool:
+        return lo <= us < hi and vmin <= value <= vmax
+
     for hour in reversed(hours) if desc else hours:
         present = [
             sid for sid, d in sensors.items() if d.get("first", 0) <= hour <= d.get("last", -1)
@@ -315,9 +322,8 @@ def iter_samples(db: Database | Reader, q: ReadingQuery) -> Iterator[Sample]:
             m = layout.summaries(r.get(layout.HOURS, hid), "m")
             pack = r.get(layout.PACKS, hid) if packable else None
             if layout.pack_holds(pack, m):
-                for s in layout.samples_of_pack(pack):
-                    if lo <= s.us < hi:
-                        from_packs.setdefault(layout.floor(s.us, US_MINUTE), []).append(s)
+                for s in layout.samples_of_pack(pack, keep):
+                    from_packs.setdefault(layout.floor(s.us, US_MINUTE), []).append(s)
                 continue
             for mi, summary in m.items():
                 minute = hour + int(mi) * US_MINUTE
