@@ -14,21 +14,41 @@ ingester, and a Redis live-channel subscriber times publish → stored.
 (`write_bytes` of its /proc/<pid>/io) while the ingester drained the backlog,
 per stored reading: SD cards wear by bytes written.
 
+Then ingest workers on a shared subscription (``$share/<group>/sensors/#``),
+each configuration with a database, Redis prefix, client ids and share group
+of its own, its sessions forgotten afterwards:
+- workers_1 / workers_2: one worker (ingest.workers = 1), then two (workers =
+  2, processes 0 and 1 started at once), each draining a backlog of
+  --workers-messages published while its sessions were offline (the broker
+  queues each message for one member, offline ones included); with the CPU
+  each process used over the drain, in cores (CPU seconds / wall seconds);
+- worker kill: two workers drain a 20,000-message backlog; worker 1 is killed
+  with SIGKILL once about a third is stored, started again a second later;
+  once all is stored and nothing changes for 3 s, the stored msg_ids are
+  compared with the published ones (lost, duplicates).
+Every wait there has a deadline; a failure is reported as ``workers_error``
+next to the figures above.
+
 Usage: python bench/ingest.py [--messages 60000] [--naive-messages 3000]
-       [--rate 1000] [--latency-seconds 15]
+       [--rate 1000] [--latency-seconds 15] [--workers-messages (--messages)]
+       [--kill-messages 20000] [--skip-workers]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -72,7 +92,7 @@ def create_session(cfg, client_id: str) -> None:
     c.loop_stop()
 
 
-def publish_backlog(cfg, n: int, run: str) -> None:
+def publish_backlog(cfg, n: int, run: str, timeout: float | None = None) -> None:
     """Publish n readings at QoS 1 with a C client (mosquitto_pub -l)."""
     lines = []
     ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -109,6 +129,7 @@ def publish_backlog(cfg, n: int, run: str) -> None:
         ],
         input=("\n".join(lines) + "\n").encode(),
         check=True,
+        timeout=timeout,
     )
 
 
@@ -219,13 +240,319 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
+# -- ingest workers on a shared subscription ------------------------------------------
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if merge else v
+    return out
+
+
+def forget_session(cfg, client_id: str) -> None:
+    """Connect with a clean start and leave: the broker drops the session, and
+    stops queueing for it."""
+    ok = threading.Event()
+    c = make_client(cfg, client_id, cfg.ingest.mqtt_username, cfg.ingest.mqtt_password_file)
+    c.on_connect = lambda *a: ok.set()
+    try:
+        c.connect(cfg.mqtt.host, cfg.mqtt.port, clean_start=True)
+        c.loop_start()
+        ok.wait(5)
+        c.disconnect()
+        c.loop_stop()
+    except OSError:
+        pass
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05, check=None):
+    """Poll ``pred`` until it is true; ``check`` raises if a process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if check:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent on something (all cores)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+class WorkerSet:
+    """`sensor-gateway ingest` processes of one configuration: workers = n, with a
+    database, a Redis prefix, client ids and a share group of its own."""
+
+    def __init__(self, root: Path, base: dict, tag: str, workers: int, env: dict) -> None:
+        self.root = root
+        self.tag = tag
+        self.workers = workers
+        self.env = env
+        self.data = deep_merge(
+            base,
+            {
+                "mongodb": {"database": f"bench_{tag}"},
+                "redis": {"key_prefix": f"bench-{tag}:"},
+                "ingest": {
+                    "client_id": f"bench-ingest-{tag}",
+                    "workers": workers,
+                    "share_group": f"bench-{tag}",
+                },
+            },
+        )
+        self.path = root / f"gateway-{tag}.toml"
+        self.path.write_text(tomli_w.dumps(self.data))
+        self.cfg = config.build(copy.deepcopy(self.data))
+        self.keys = cache.Keys(self.cfg.redis.key_prefix)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+        self.spawned = 0
+
+    def client_ids(self) -> list[str]:
+        base = self.cfg.ingest.client_id
+        return [f"{base}-{w}" if w else base for w in range(self.workers)]
+
+    def spawn(self, w: int) -> subprocess.Popen:
+        self.spawned += 1
+        log = self.root / f"ingest-{self.tag}-w{w}-{self.spawned}.log"
+        p = subprocess.Popen(
+            [sys.executable, "-m", "sensor_gateway", "-c", str(self.path), "ingest"],
+            stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+            env={**self.env, "SENSOR_GATEWAY_INGEST__WORKER": str(w)},
+            cwd=REPO,
+        )
+        self.procs[w], self.logs[w] = p, log
+        return p
+
+    def check_alive(self) -> None:
+        for w, p in self.procs.items():
+            if p.poll() is not None:
+                tail = self.logs[w].read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"{self.tag} worker {w} exited ({p.returncode}):\n{tail}")
+
+    def wait_subscribed(self, timeout: float = 60) -> None:
+        for w in self.procs:
+            wait_until(
+                lambda w=w: "subscribed to" in self.logs[w].read_text(errors="replace"),
+                timeout,
+                f"{self.tag} worker {w} to subscribe",
+                interval=0.1,
+                check=self.check_alive,
+            )
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM to all at once, as systemctl stop would; each must exit 0."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for w, p in self.procs.items():
+            rc = p.wait(timeout)
+            if rc != 0:
+                raise RuntimeError(f"{self.tag} worker {w} exited {rc} on SIGTERM")
+        self.procs.clear()
+
+    def create_sessions(self) -> None:
+        """Start every worker once (its persistent session and its member of the
+        shared subscription), then stop them: what is published next waits there."""
+        for w in range(self.workers):
+            self.spawn(w)
+        self.wait_subscribed()
+        self.stop()
+
+    def stored_counter(self, r) -> int:
+        """The workers' own count of readings stored (Redis, one hash per worker,
+        written with each batch). Counted from 0 by each process."""
+        return sum(
+            int(r.hget(self.keys.worker_counters(w), "stored") or 0) for w in range(self.workers)
+        )
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs.clear()
+        for cid in self.client_ids():
+            forget_session(self.cfg, cid)
+        try:
+            db = storage.connect(self.cfg)
+            db.client.drop_database(db.name)
+        except Exception:  # noqa: BLE001 - best-effort cleanup
+            pass
+
+
+def stored_ids(db, run: str) -> Counter:
+    return Counter(
+        m for m in (d.get("msg_id") for d in storage.scan_readings(db)) if m and m.startswith(run)
+    )
+
+
+def drain_workers(ws: WorkerSet, services: dict[str, int], n: int, timeout: float) -> dict:
+    """Workers draining a backlog of n published while their sessions were offline:
+    msgs/s from starting them (all at once) until their counters reach n, and the
+    cores each process used meanwhile."""
+    ws.create_sessions()
+    run = f"{ws.tag}{os.urandom(3).hex()}"
+    publish_backlog(ws.cfg, n, run, timeout=timeout)
+    r = cache.connect(ws.cfg)
+    cpu0 = {k: cpu_seconds(pid) for k, pid in services.items()}
+    me0 = cpu_seconds(os.getpid())
+    busy0 = busy_cpu_seconds()
+    t0 = time.perf_counter()
+    for w in range(ws.workers):
+        ws.spawn(w)
+    wait_until(
+        lambda: ws.stored_counter(r) >= n, timeout, f"{ws.tag}: {n} stored", check=ws.check_alive
+    )
+    wall = time.perf_counter() - t0
+    busy = busy_cpu_seconds() - busy0
+    secs = {f"ingest{w}": cpu_seconds(p.pid) for w, p in ws.procs.items()}
+    for k, pid in services.items():
+        secs[k] = cpu_seconds(pid) - cpu0[k]
+    secs["bench"] = cpu_seconds(os.getpid()) - me0
+    # The whole machine, and what of it none of the above used (anything else
+    # running meanwhile, the kernel's share of loopback traffic).
+    secs["others"] = busy - sum(secs.values())
+    secs["machine"] = busy
+    cores = {k: round(v / wall, 2) for k, v in secs.items()}
+    ws.stop()
+    ids = stored_ids(storage.connect(ws.cfg), f"{run}-")
+    return {
+        "msgs_per_s": n / wall,
+        "cpu": cores,
+        "lost": n - len(ids),
+        "duplicates": ids.total() - len(ids),
+    }
+
+
+def worker_kill(ws: WorkerSet, n: int, timeout: float, settle_s: float = 3.0) -> dict:
+    """Two workers drain a backlog of n; worker 1 is killed with SIGKILL once about
+    a third is stored and started again a second later. Lost and doubled msg_ids
+    once everything is stored and nothing changed for settle_s."""
+    ws.create_sessions()
+    run = f"{ws.tag}{os.urandom(3).hex()}"
+    publish_backlog(ws.cfg, n, run, timeout=timeout)
+    db = storage.connect(ws.cfg)
+    r = cache.connect(ws.cfg)
+    for w in range(ws.workers):
+        ws.spawn(w)
+    # The counters (cheap to poll, unlike a scan of the readings, which would load
+    # the database) move a batch at a time: the kill comes at a third or a bit after.
+    wait_until(
+        lambda: ws.stored_counter(r) >= n // 3,
+        timeout,
+        f"{ws.tag}: a third stored",
+        interval=0.02,
+        check=ws.check_alive,
+    )
+    victim = ws.procs[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(30)
+    del ws.procs[1]
+    at_kill = storage.count_readings(db)
+    # What worker 1 had stored of its share (about n / workers) when killed.
+    w1_at_kill = int(r.hget(ws.keys.worker_counters(1), "stored") or 0)
+    time.sleep(1.0)
+    ws.spawn(1)
+    # Not raising when n is never reached: what is missing is the answer (lost).
+    deadline = time.monotonic() + timeout
+    count = storage.count_readings(db)
+    while count < n and time.monotonic() < deadline:
+        ws.check_alive()
+        time.sleep(0.2)
+        count = storage.count_readings(db)
+    stable_since = time.monotonic()
+    while time.monotonic() - stable_since < settle_s and time.monotonic() < deadline + 30:
+        time.sleep(0.5)
+        now = storage.count_readings(db)
+        if now != count:
+            count, stable_since = now, time.monotonic()
+    ws.check_alive()
+    # What the restarted worker 1 received again and found already stored: the
+    # broker redelivered what was in flight to it at the kill.
+    deduplicated = int(r.hget(ws.keys.worker_counters(1), "duplicates") or 0)
+    ws.stop()
+    ids = stored_ids(db, f"{run}-")
+    expected = {f"{run}-{i}" for i in range(1, n + 1)}
+    return {
+        "lost": len(expected - set(ids)),
+        "duplicates": ids.total() - len(ids),
+        "unexpected": len(set(ids) - expected),
+        "stored_at_kill": at_kill,
+        "worker1_stored_at_kill": w1_at_kill,
+        "deduplicated": deduplicated,
+    }
+
+
+def run_workers(root: Path, base: dict, env: dict, stack: Stack, args) -> dict:
+    """The workers figures; any failure is reported, not raised (the figures of
+    the single ingester stand on their own)."""
+    services = {
+        stack.mongo.engine or "mongodb": stack.mongo.proc.pid,
+        "mosquitto": stack.mosquitto.proc.pid,
+        "redis": stack.redis.proc.pid,
+    }
+    out: dict = {"cpu_count": psutil.cpu_count()}
+    timeout = max(120.0, args.workers_messages / 100)
+    try:
+        results = {}
+        for tag, workers in (("w1", 1), ("w2", 2)):
+            ws = WorkerSet(root, base, tag, workers, env)
+            try:
+                results[tag] = drain_workers(ws, services, args.workers_messages, timeout)
+            finally:
+                ws.close()
+        w1, w2 = results["w1"]["msgs_per_s"], results["w2"]["msgs_per_s"]
+        out |= {
+            "workers_1_msgs_per_s": round(w1),
+            "workers_2_msgs_per_s": round(w2),
+            "workers_2_ratio": round(w2 / w1, 3),
+            "workers_cpu": {tag: res["cpu"] for tag, res in results.items()},
+            "workers_drain_lost_duplicates": {
+                tag: [res["lost"], res["duplicates"]] for tag, res in results.items()
+            },
+            "workers_messages": args.workers_messages,
+        }
+        ws = WorkerSet(root, base, "wk", 2, env)
+        try:
+            kill = worker_kill(ws, args.kill_messages, max(120.0, args.kill_messages / 100))
+        finally:
+            ws.close()
+        out |= {
+            "worker_kill_lost": kill["lost"],
+            "worker_kill_duplicates": kill["duplicates"],
+            "worker_kill_unexpected": kill["unexpected"],
+            "worker_kill_stored_at_kill": kill["stored_at_kill"],
+            "worker_kill_worker1_stored_at_kill": kill["worker1_stored_at_kill"],
+            "worker_kill_restarted_deduplicated": kill["deduplicated"],
+            "worker_kill_messages": args.kill_messages,
+        }
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON line, traceback on stderr
+        traceback.print_exc()
+        out["workers_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=60000)
     ap.add_argument("--naive-messages", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--latency-seconds", type=float, default=15)
+    ap.add_argument("--workers-messages", type=int, default=0, help="default: --messages")
+    ap.add_argument("--kill-messages", type=int, default=20000)
+    ap.add_argument("--skip-workers", action="store_true")
     args = ap.parse_args()
+    args.workers_messages = args.workers_messages or args.messages
 
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     stack = Stack(root=root)
@@ -326,6 +653,20 @@ def main() -> None:
         def pct(p: float) -> float:
             return round(lat[min(len(lat) - 1, int(len(lat) * p))], 1) if lat else float("nan")
 
+        workers: dict = {}
+        if not args.skip_workers:
+            # Nothing else may take the broker's messages or the CPU: the ingester
+            # leaves, and the sessions above are forgotten (they would queue a copy).
+            ing.terminate()
+            try:
+                ing.wait(30)
+            except subprocess.TimeoutExpired:
+                ing.kill()
+                ing.wait()
+            for cid in ("bench-bare", "bench-naive", cfg.ingest.client_id):
+                forget_session(cfg, cid)
+            workers = run_workers(root, data, env, stack, args)
+
         print(
             json.dumps(
                 {
@@ -350,6 +691,7 @@ def main() -> None:
                     "db_insert_many_docs_per_s": round(db_only),
                     "ingest_vs_db_insert": round(ingest_rate / db_only, 3),
                     "latency_mean_ms": round(statistics.fmean(lat), 1) if lat else None,
+                    **workers,
                 }
             )
         )
