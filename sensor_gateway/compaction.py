@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 
 from pymongo.database import Database
 
-from sensor_gateway import layout, queries, storage
+from sensor_gateway import layout, queries
 from sensor_gateway.config import Config
+from sensor_gateway.periodic import Periodic
 
 log = logging.getLogger("sensor_gateway.compaction")
 
@@ -82,26 +83,12 @@ def compact(db: Database, now_us: int, stop: threading.Event | None = None) -> i
     return packed
 
 
-class Compactor:
-    """Runs :func:`compact` every INTERVAL_S with its own connection."""
+def compactor(cfg: Config, stop: threading.Event) -> Periodic:
+    """:func:`compact` every INTERVAL_S."""
 
-    def __init__(self, cfg: Config, stop: threading.Event) -> None:
-        self.cfg = cfg
-        self.stop = stop
-        self.thread: threading.Thread | None = None
+    def work(db: Database) -> None:
+        n = compact(db, layout.to_us(datetime.now(UTC)), stop)
+        if n:
+            log.info("compaction: packed %d sensor-hours", n)
 
-    def start(self) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="compaction", daemon=True)
-            self.thread.start()
-
-    def _run(self) -> None:
-        db = None
-        while not self.stop.wait(0 if db is None else INTERVAL_S):
-            try:
-                db = db or storage.connect(self.cfg, appname="sensor-ingest-compaction")
-                n = compact(db, layout.to_us(datetime.now(UTC)), self.stop)
-                if n:
-                    log.info("compaction: packed %d sensor-hours", n)
-            except Exception as exc:  # noqa: BLE001 - retried next interval; never stops ingest
-                log.warning("compaction failed (%s); retrying in %gs", exc, INTERVAL_S)
+    return Periodic(cfg, stop, "compaction", INTERVAL_S, work)

@@ -19,8 +19,9 @@ from typing import Any
 
 from pymongo.database import Database
 
-from sensor_gateway import layout, queries, storage
+from sensor_gateway import layout, queries
 from sensor_gateway.config import Config
+from sensor_gateway.periodic import Periodic
 
 log = logging.getLogger("sensor_gateway.retention")
 
@@ -127,38 +128,20 @@ def sweep(db: Database, cfg: Config, now: datetime | None = None, stop=None) -> 
     return out
 
 
-class Sweeper:
-    """Runs :func:`sweep` every ``ingest.retention_interval_s`` with its own connection."""
+def sweeper(cfg: Config, stop: threading.Event) -> Periodic | None:
+    """:func:`sweep` every ``ingest.retention_interval_s``, when a tier has a limit."""
+    icfg = cfg.ingest
+    if not (icfg.retention_days or icfg.summary_retention_days):
+        return None
 
-    def __init__(self, cfg: Config, stop: threading.Event) -> None:
-        self.cfg = cfg
-        self.stop = stop
-        self.thread: threading.Thread | None = None
+    def work(db: Database) -> None:
+        n = sweep(db, cfg, stop=stop)
+        if any(n.values()):
+            log.info(
+                "retention: deleted %d minute buckets, %d summaries, %d rejects",
+                n["buckets"],
+                n["summaries"],
+                n["rejects"],
+            )
 
-    def start(self) -> None:
-        icfg = self.cfg.ingest
-        if not (icfg.retention_days or icfg.summary_retention_days) or self.thread:
-            return
-        self.thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        db = None
-        while not self.stop.wait(0 if db is None else self.cfg.ingest.retention_interval_s):
-            try:
-                db = db or storage.connect(self.cfg, appname="sensor-ingest-retention")
-                n = sweep(db, self.cfg, stop=self.stop)
-                if any(n.values()):
-                    log.info(
-                        "retention: deleted %d minute buckets, %d summaries, %d rejects",
-                        n["buckets"],
-                        n["summaries"],
-                        n["rejects"],
-                    )
-            except Exception as exc:  # noqa: BLE001 - retried next interval; never stops ingest
-                log.warning(
-                    "retention sweep failed (%s); retrying in %gs",
-                    exc,
-                    self.cfg.ingest.retention_interval_s,
-                )
-                db = db or False  # connected or not, wait a full interval
+    return Periodic(cfg, stop, "retention", icfg.retention_interval_s, work)

@@ -5,11 +5,12 @@ buckets for an hour a later reading changed."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 from sensor_gateway import compaction, layout, queries, retention
 from sensor_gateway.writer import Writer
-from tests.helpers import Gateway
+from tests.helpers import Gateway, wait_for
 from tests.test_lanes import _load, assert_reads_match, assert_walks_match, lanes_dataset
 from tests.test_status_counts import DAY, _reading
 
@@ -80,3 +81,17 @@ def test_retention_deletes_the_packs(gateway: Gateway) -> None:
     # tier) still count every reading.
     assert_walks_match(db, [r for r in rs if r["ts"] >= DAY + timedelta(hours=2)], "s", ("s",))
     assert queries.count_all(db) == len(rs)
+
+
+def test_worker_0_packs_in_its_own_thread_and_other_workers_do_not(gateway: Gateway) -> None:
+    rs = [_reading("s", DAY + timedelta(minutes=m), m, f"k{m}", "t") for m in range(0, 120, 2)]
+    _load(gateway, rs, 4)
+    db = gateway.db
+    gateway.set(ingest={"workers": 2, "worker": 1})
+    gateway.start_ingester()
+    time.sleep(3)
+    assert db[layout.PACKS].count_documents({}) == 0
+    gateway.stop_ingesters()
+    gateway.set(ingest={"workers": 2, "worker": 0})
+    gateway.start_ingester()
+    wait_for(lambda: db[layout.PACKS].count_documents({}) == 2, 30, what="worker 0 to pack")

@@ -7,8 +7,8 @@ write (:class:`.write.BatchStore`) → acknowledge (:class:`.acknowledge.Finishe
 Redis, then PUBACKs, in a thread of its own).
 
 Scheduled work runs beside the loop, never in it: retention
-(:class:`sensor_gateway.retention.Sweeper`), packing settled hours for reads
-(:class:`sensor_gateway.compaction.Compactor`) and the stats topic
+(:func:`sensor_gateway.retention.sweeper`), packing settled hours for reads
+(:func:`sensor_gateway.compaction.compactor`) and the stats topic
 (:class:`sensor_gateway.stats_topic.StatsPublisher`), each in its own thread.
 
 Stopping (SIGTERM): take no new messages (those the broker sends meanwhile
@@ -76,8 +76,14 @@ class Ingester:
         # Worker 0 alone sweeps and publishes stats: they read every lane, and
         # twice the work would change nothing.
         self.leader = self.icfg.worker == 0 and not retire
-        self.retention = retention.Sweeper(cfg, self.stop_event)
-        self.compactor = compaction.Compactor(cfg, self.stop_event)
+        self.housekeeping = [
+            w
+            for w in (
+                retention.sweeper(cfg, self.stop_event),
+                compaction.compactor(cfg, self.stop_event),
+            )
+            if w is not None
+        ]
         self.stats_publisher: Any = None  # a StatsPublisher when ingest.stats_topic is set
 
     # -- start-up ----------------------------------------------------------------
@@ -152,8 +158,8 @@ class Ingester:
     def run(self) -> None:
         self.finisher.start()
         if self.leader:
-            self.retention.start()
-            self.compactor.start()
+            for work in self.housekeeping:
+                work.start()
         if self.stats_publisher is not None and self.leader:
             self.stats_publisher.start(self.stop_event)
         self.receiver.consuming.set()
