@@ -74,11 +74,19 @@ def compact(db: Database, now_us: int, stop: threading.Event | None = None) -> i
     hour = meta.get("next", min(s.get("first", now_us) for s in sensors))
     end = layout.floor(now_us - layout.PACK_SETTLE_US, layout.US_HOUR) - layout.US_HOUR
     packed = 0
+    r = queries.Reader(db, memo=False)
     while hour <= end and not (stop and stop.is_set()):
-        for s in sensors:
-            if s.get("first", end + 1) <= hour <= s.get("last", -1):
-                packed += pack_hour(db, s["_id"], hour)
-        hour += layout.US_HOUR
+        day = layout.floor(hour, layout.US_DAY)
+        # A day's summary says which sensors have readings that day (and an hour's,
+        # that hour): a month without readings costs a document a day.
+        settled_day = day + layout.US_DAY <= end + layout.US_HOUR
+        if settled_day and not layout.summaries(r.get(layout.HOURS, layout.all_day_id(day)), "by"):
+            hour = day + layout.US_DAY
+        else:
+            present = layout.summaries(r.get(layout.HOURS, layout.all_hour_id(hour)), "by")
+            for name in present:
+                packed += pack_hour(db, layout.sensor_of(name), hour)
+            hour += layout.US_HOUR
         db[layout.META].update_one({"_id": "compaction"}, {"$set": {"next": hour}}, upsert=True)
     return packed
 

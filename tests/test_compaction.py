@@ -95,3 +95,23 @@ def test_worker_0_packs_in_its_own_thread_and_other_workers_do_not(gateway: Gate
     gateway.set(ingest={"workers": 2, "worker": 0})
     gateway.start_ingester()
     wait_for(lambda: db[layout.PACKS].count_documents({}) == 2, 30, what="worker 0 to pack")
+
+
+def test_packing_crosses_a_gap_of_weeks(gateway: Gateway) -> None:
+    """Days without readings are skipped a day summary at a time; the hours on
+    both sides of the gap are packed."""
+    later = DAY + timedelta(days=40, hours=5)
+    rs = [
+        _reading("s", t + timedelta(minutes=m), m, f"{t:%d}-{m}", "t")
+        for t in (DAY, later)
+        for m in range(3)
+    ]
+    _load(gateway, rs, 6)
+    db = gateway.db
+    assert compaction.compact(db, layout.to_us(later) + 2 * layout.US_HOUR) == 1
+    assert compaction.compact(db, layout.to_us(later) + 4 * layout.US_HOUR) == 1
+    assert sorted(d["b"] for d in db[layout.PACKS].find()) == [
+        layout.to_us(DAY),
+        layout.to_us(later),
+    ]
+    assert_walks_match(db, rs, "s", ("s",))
