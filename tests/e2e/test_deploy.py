@@ -150,12 +150,13 @@ class Deployment:
             self.container.stop()
             self.container = None
 
-    def playbook(self, label: str) -> tuple[str, dict[str, int]]:
+    def playbook(self, label: str, *extra: str) -> tuple[str, dict[str, int]]:
         t0 = time.monotonic()
         run = run_playbook(
             self.c.leader,
             self.work,
             label,
+            *extra,
             "-e",
             f"gateway_secrets_dir={self.secrets}",
             # The units and docs from the snapshot the wheel was built from, so that
@@ -540,6 +541,33 @@ def test_second_run_changes_nothing(dep: Deployment) -> None:
     NOTES.append(f"second playbook run: {recap}")
     changed = dep.runs["second run"].changed_tasks()
     assert recap["changed"] == 0, f"second run changed {recap['changed']} task(s): {changed}"
+
+
+def test_the_workers_knob_starts_a_worker_and_retires_it(dep: Deployment) -> None:
+    """sensor_gateway_ingest_workers: 2 starts sensor-ingest@1 beside worker 0 on
+    one shared subscription; back to 1, the role stops it and retires it
+    (`sensor-gateway ingest --retire`), so no message waits in its session."""
+    c = dep.c
+    dep.playbook("workers 2", "-e", "sensor_gateway_ingest_workers=2")
+    assert c.is_active("sensor-ingest@1.service") == "active"
+    assert c.is_active("sensor-ingest.service") == "active"
+    c.wait_for(
+        lambda: (
+            "as 'sensor-ingest-1'"
+            in c.run("journalctl", "--no-pager", "-u", "sensor-ingest@1", "-o", "cat").stdout
+        ),
+        timeout=30,
+        interval=0.5,
+        what="worker 1 subscribed",
+    )
+    count = dep.db()["count"]
+    c.wait_for(lambda: dep.db()["count"] > count, 30, 0.5, "readings with two workers")
+    dep.playbook("workers 1", "-e", "sensor_gateway_ingest_workers=1")
+    assert c.is_active("sensor-ingest@1.service") == "inactive"
+    retired = c.run("journalctl", "--no-pager", "-o", "cat", "--since=-5min").stdout
+    assert "retired: the session held nothing more" in retired
+    count = dep.db()["count"]
+    c.wait_for(lambda: dep.db()["count"] > count, 30, 0.5, "readings with one worker again")
 
 
 def test_reboot_keeps_services_and_readings(dep: Deployment) -> None:
