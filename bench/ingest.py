@@ -59,7 +59,7 @@ import tomli_w
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from devstack.stack import Stack  # noqa: E402
+from devstack.stack import Stack, forget_session  # noqa: E402
 from sensor_gateway import cache, config, storage  # noqa: E402
 from sensor_gateway.mqtt import make_client, session_properties  # noqa: E402
 
@@ -249,22 +249,6 @@ def deep_merge(base: dict, over: dict) -> dict:
         merge = isinstance(v, dict) and isinstance(out.get(k), dict)
         out[k] = deep_merge(out[k], v) if merge else v
     return out
-
-
-def forget_session(cfg, client_id: str) -> None:
-    """Connect with a clean start and leave: the broker drops the session, and
-    stops queueing for it."""
-    ok = threading.Event()
-    c = make_client(cfg, client_id, cfg.ingest.mqtt_username, cfg.ingest.mqtt_password_file)
-    c.on_connect = lambda *a: ok.set()
-    try:
-        c.connect(cfg.mqtt.host, cfg.mqtt.port, clean_start=True)
-        c.loop_start()
-        ok.wait(5)
-        c.disconnect()
-        c.loop_stop()
-    except OSError:
-        pass
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.05, check=None):

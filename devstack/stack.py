@@ -439,3 +439,21 @@ def _write_secret(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value)
+
+
+def forget_session(cfg, client_id: str) -> None:
+    """Connect as ``client_id`` (an ingester's broker user) with a clean start and
+    leave: the broker drops the session and stops queueing for it."""
+    from sensor_gateway.mqtt import make_client
+
+    ok = threading.Event()
+    c = make_client(cfg, client_id, cfg.ingest.mqtt_username, cfg.ingest.mqtt_password_file)
+    c.on_connect = lambda *a: ok.set()
+    try:
+        c.connect(cfg.mqtt.host, cfg.mqtt.port, clean_start=True)
+        c.loop_start()
+        ok.wait(5)
+        c.disconnect()
+        c.loop_stop()
+    except OSError:
+        pass

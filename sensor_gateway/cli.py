@@ -22,8 +22,8 @@ from sensor_gateway.notify import Notifier
 log = logging.getLogger("sensor_gateway")
 
 
-def _load(args: argparse.Namespace) -> config_mod.Config:
-    cfg = config_mod.load(args.config)
+def _load(args: argparse.Namespace, environ: dict[str, str] | None = None) -> config_mod.Config:
+    cfg = config_mod.load(args.config, environ)
     logs.setup(args.log_level or cfg.log.level)
     return cfg
 
@@ -65,17 +65,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from sensor_gateway.ingest import Ingester
 
+    environ = None
     if args.retire:
-        # A retired worker's number is past ingest.workers once that was lowered.
+        # A retired worker's number is past ingest.workers once that was lowered; it
+        # leaves both forms of the filter whatever the count (Receiver.retire).
         worker = os.environ.get(f"{config_mod.ENV_PREFIX}INGEST__WORKER", "0")
-        os.environ.setdefault(f"{config_mod.ENV_PREFIX}INGEST__WORKERS", "1")
         if worker.isdigit():
-            n = max(int(os.environ[f"{config_mod.ENV_PREFIX}INGEST__WORKERS"]), int(worker) + 1)
-            os.environ[f"{config_mod.ENV_PREFIX}INGEST__WORKERS"] = str(n)
-    cfg = _load(args)
+            environ = {
+                **os.environ,
+                f"{config_mod.ENV_PREFIX}INGEST__WORKERS": str(int(worker) + 1),
+            }
+    cfg = _load(args, environ)
     notifier = Notifier()
     ingester = Ingester(cfg, notifier, retire=args.retire)
-    if cfg.ingest.stats_topic and not args.retire:
+    if cfg.ingest.stats_topic and ingester.leader:
         from sensor_gateway.stats_topic import StatsPublisher
 
         ingester.stats_publisher = StatsPublisher.for_client(

@@ -67,11 +67,13 @@ def pack_hour(db: Database, sensor_id: str, hour: int) -> bool:
 def compact(db: Database, now_us: int, stop: threading.Event | None = None) -> int:
     """Pack every sensor's hours ended by ``now_us - PACK_SETTLE_US``, from where
     the last run stopped; returns how many packs were written."""
-    sensors = list(queries.Reader(db, memo=False).sensors().values())
-    if not sensors:
-        return 0
     meta = db[layout.META].find_one({"_id": "compaction"}) or {}
-    hour = meta.get("next", min(s.get("first", now_us) for s in sensors))
+    hour = meta.get("next")
+    if hour is None:  # the first run: from the first hour with readings
+        sensors = queries.Reader(db, memo=False).sensors().values()
+        if not sensors:
+            return 0
+        hour = min(s.get("first", now_us) for s in sensors)
     end = layout.floor(now_us - layout.PACK_SETTLE_US, layout.US_HOUR) - layout.US_HOUR
     packed = 0
     r = queries.Reader(db, memo=False)

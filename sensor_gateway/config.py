@@ -70,9 +70,8 @@ class MongoConfig:
     # the socket timeout (2 x timeout_ms), so that the server answers first.
     wtimeout_ms: int = 0
 
-    def __post_init__(self) -> None:
-        """Check the write concern and the URI's options against it; here, not in
-        :func:`validate`, because a MongoConfig is also built on its own."""
+    def check(self) -> None:
+        """The write concern, and the URI's options against it (from :func:`validate`)."""
         w = self.write_concern
         if isinstance(w, str) and w.isdigit():
             w = self.write_concern = int(w)  # w: "2" would name a tag set, not 2 members
@@ -409,6 +408,8 @@ def validate(cfg: Config) -> None:
     def positive(name: str, v: float) -> None:
         if v <= 0:
             raise ConfigError(f"{name}: must be > 0, got {v!r}")
+
+    cfg.mongodb.check()
 
     for name, port in (("mqtt.port", cfg.mqtt.port),):
         if not 0 < port < 65536:

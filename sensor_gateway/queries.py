@@ -464,8 +464,8 @@ def _raw_summaries(r: Reader, start: int, end: int, sensor_id: str | None) -> di
     else:
         by = layout.summaries(r.get(layout.MINUTES, layout.minute_doc_id(minute)), "by")
         sids = [
-            (sid, layout.segment_ids(sid, minute, v))
-            for sid, v in ((layout.sensor_of(k), v) for k, v in by.items())
+            (layout.sensor_of(k), layout.segment_ids(layout.sensor_of(k), minute, v))
+            for k, v in by.items()
         ]
     out = {}
     r.prefetch((layout.SAMPLES, bid) for _, ids in sids for bid in ids)

@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import tomli_w
 
 from devstack import REPO
-from devstack.stack import Stack
+from devstack.stack import Stack, forget_session
 from sensor_gateway import cache, config, storage
 from sensor_gateway.ingest import Ingester
 from sensor_gateway.mqtt import make_client
@@ -229,25 +229,7 @@ class Gateway:
         """Remove the ingesters' persistent sessions so the broker stops queueing for them."""
         base = self.cfg.ingest.client_id
         for w in range(self.cfg.ingest.workers):
-            self._forget(f"{base}-{w}" if w else base)
-
-    def _forget(self, client_id: str) -> None:
-        ok = threading.Event()
-        c = make_client(
-            self.cfg,
-            client_id,
-            self.cfg.ingest.mqtt_username,
-            self.cfg.ingest.mqtt_password_file,
-        )
-        c.on_connect = lambda *a: ok.set()
-        try:
-            c.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, clean_start=True)
-            c.loop_start()
-            ok.wait(5)
-            c.disconnect()
-            c.loop_stop()
-        except OSError:
-            pass
+            forget_session(self.cfg, f"{base}-{w}" if w else base)
 
     def close(self) -> None:
         self.stop_ingesters()

@@ -70,9 +70,11 @@ class IngestCollector:
         workers = self.services.cfg.ingest.workers
         out: dict[str, float] = {}
         for w in range(workers):
-            for name, v in r.hgetall(keys.worker_counters(w)).items():
-                pick = max if name in INGEST_GAUGES else sum
-                out[name] = pick((out.get(name, 0.0), float(v))) if name in out else float(v)
+            for name, raw in r.hgetall(keys.worker_counters(w)).items():
+                v, seen = float(raw), out.get(name)
+                out[name] = (
+                    v if seen is None else max(seen, v) if name in INGEST_GAUGES else seen + v
+                )
         return out
 
     def collect(self) -> Iterator[Metric]:

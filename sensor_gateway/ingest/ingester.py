@@ -76,14 +76,11 @@ class Ingester:
         # Worker 0 alone sweeps and publishes stats: they read every lane, and
         # twice the work would change nothing.
         self.leader = self.icfg.worker == 0 and not retire
-        self.housekeeping = [
-            w
-            for w in (
-                retention.sweeper(cfg, self.stop_event),
-                compaction.compactor(cfg, self.stop_event),
-            )
-            if w is not None
-        ]
+        chores = (
+            retention.sweeper(cfg, self.stop_event),
+            compaction.compactor(cfg, self.stop_event),
+        )
+        self.housekeeping = [c for c in chores if c is not None] if self.leader else []
         self.stats_publisher: Any = None  # a StatsPublisher when ingest.stats_topic is set
 
     # -- start-up ----------------------------------------------------------------
@@ -157,10 +154,9 @@ class Ingester:
 
     def run(self) -> None:
         self.finisher.start()
-        if self.leader:
-            for work in self.housekeeping:
-                work.start()
-        if self.stats_publisher is not None and self.leader:
+        for chore in self.housekeeping:
+            chore.start()
+        if self.stats_publisher is not None:
             self.stats_publisher.start(self.stop_event)
         self.receiver.consuming.set()
         idle_since = time.monotonic()
