@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sensor_gateway import layout
+
 DEFAULT_PATH = Path("/etc/sensor-gateway/gateway.toml")
-# Ingest workers at most: a shared subscription's members, one lane each, which
-# every read merges.
-MAX_WORKERS = 16
+# Ingest workers at most: a shared subscription's members, one lane each.
+MAX_WORKERS = layout.MAX_LANES
 ENV_PREFIX = "SENSOR_GATEWAY_"
 
 

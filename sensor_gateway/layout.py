@@ -23,7 +23,7 @@ Collections and `_id`s (``<sid>`` is a sensor id, which never holds ``|`` or ``*
 - ``sensors``  ``<sid>``               kinds seen, first and last hour with readings.
 - ``packs``    ``<sid>|YYYYMMDDHH``    a settled hour of one sensor's readings in one
   document (``d``: one JSON string), a copy for reads (:mod:`sensor_gateway.compaction`).
-- ``meta``     ``layout``, ``retention``, ``migration``, ``lanes``, ``compaction``.
+- ``meta``     ``layout``, ``retention``, ``migration``, ``lane@<n>``, ``compaction``.
 
 Ingest worker n > 0 writes the same documents with ``@<n>`` in their `_id`
 (:func:`in_lane`): one writer per document; reads merge the lanes (:func:`merge`).
@@ -130,6 +130,18 @@ def in_lane(_id: str, lane: int) -> str:
     each other's changes (measured: half of them). Readers merge the lanes
     (:func:`merge`)."""
     return f"{_id}@{lane}" if lane else _id
+
+
+# Lanes at most (``ingest.workers``): every read merges them.
+MAX_LANES = 16
+
+
+def lane_marker(lane: int) -> str:
+    """The ``meta`` document that records lane ``lane`` (> 0) was ever written.
+
+    One document per lane, inserted, never updated: a counter updated by racing
+    workers loses updates in FerretDB (see :func:`in_lane`)."""
+    return in_lane("lane", lane)
 
 
 def lane_of(_id: str) -> tuple[str, int]:

@@ -156,13 +156,16 @@ _lanes_seen: dict[tuple[int, str], tuple[float, int]] = {}
 
 
 def known_lanes(db: Database) -> int:
-    """How many lanes ingest workers have ever written (``meta`` ``lanes``)."""
+    """How many lanes ingest workers have ever written: one more than the highest
+    lane marker (:func:`layout.lane_marker`)."""
     key = (id(db.client), db.name)
     now = time.monotonic()
     seen = _lanes_seen.get(key)
     if seen is None or now - seen[0] > LANES_TTL_S:
-        doc = db[layout.META].find_one({"_id": "lanes"}) or {}
-        seen = _lanes_seen[key] = (now, max(1, int(doc.get("n") or 1)))
+        markers = [layout.lane_marker(n) for n in range(1, layout.MAX_LANES)]
+        found = db[layout.META].find({"_id": {"$in": markers}}, {"_id": 1})
+        lanes = [layout.lane_of(d["_id"])[1] for d in found]
+        seen = _lanes_seen[key] = (now, max(lanes, default=0) + 1)
     return seen[1]
 
 

@@ -114,17 +114,10 @@ class Writer:
 
     def register_lane(self) -> None:
         """Record this writer's lane before its first write, so that readers merge
-        it (``meta`` ``lanes``: one more than the highest lane ever written).
-        Read back until it holds: FerretDB may lose an update racing another
-        worker's (see layout.in_lane)."""
-        while True:
-            meta = self.db[layout.META]
-            doc = meta.find_one({"_id": "lanes"}) or {}
-            if int(doc.get("n") or 1) > self.lane:
-                return
-            # Another worker's upsert may make it first: then read again.
+        it (:func:`layout.lane_marker`)."""
+        if self.lane:
             with contextlib.suppress(DuplicateKeyError):
-                meta.update_one({"_id": "lanes"}, {"$max": {"n": self.lane + 1}}, upsert=True)
+                self.db[layout.META].insert_one({"_id": layout.lane_marker(self.lane)})
 
     # -- what is there ---------------------------------------------------------------
 
