@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -35,33 +34,6 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-class NotifySocket:
-    """A notify socket of our own, standing in for systemd's: every datagram a
-    daemon sends (READY=1, WATCHDOG=1, STATUS=...) lands in ``messages``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.messages: list[str] = []
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self.path)
-        self._sock.settimeout(0.2)
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.messages.append(self._sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._sock.close()
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -32,12 +32,13 @@ from cryptography.x509.oid import NameOID
 from flask.testing import FlaskClient
 
 from devstack import REPO
+from devstack.notify import NotifySocket
 from devstack.stack import Stack
 from sensor_gateway import tokens
 from sensor_gateway.api import create_app
 from sensor_gateway.config import ConfigError, build
 from tests.api_helpers import free_port, wait_http
-from tests.helpers import Gateway, NotifySocket, wait_for
+from tests.helpers import Gateway, wait_for
 
 PROBLEM = "application/problem+json"
 OUTSIDE = "192.0.2.10"  # TEST-NET-1: a client that is not on loopback

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from devstack.notify import NotifySocket
 from devstack.stack import Stack
 from tests.api_helpers import free_port, now_utc, publish_readings, series, wait_http
-from tests.helpers import Gateway, NotifySocket, wait_for
+from tests.helpers import Gateway, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import signal
+import time
 from collections import Counter
 from typing import Any
 
 import pytest
 
 from sensor_gateway import cache, layout, queries, storage
+from sensor_gateway.mqtt import connect_async, make_client, session_properties
 from sensor_gateway.writer import Writer
 from tests.helpers import Gateway, wait_for
 
@@ -64,6 +67,37 @@ def test_latest_ten_in_redis_match_mongodb(gateway: Gateway) -> None:
     assert len(overall) == 10
     got = [r["id"] for r in cache.read_latest(gateway.redis, gateway.keys, None, 10)]
     assert got == overall
+
+
+def test_what_was_stored_is_acknowledged_to_the_broker(gateway: Gateway) -> None:
+    """Every stored message's PUBACK reaches the broker: after a clean stop, the
+    ingester's session holds nothing to deliver again (the broker redelivers
+    what it holds unacknowledged; the dedupe would hide that, this would not)."""
+    gateway.set(ingest={"batch_size": 70})  # many batches, cut anywhere
+    proc = gateway.spawn_ingester()
+    gateway.publish(3000, rate=6000)
+    gateway.wait_stored(3000)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    again: list[int] = []
+    c = make_client(
+        gateway.cfg,
+        gateway.cfg.ingest.client_id,
+        gateway.cfg.ingest.mqtt_username,
+        gateway.cfg.ingest.mqtt_password_file,
+        manual_ack=True,
+        persistent=True,
+    )
+    c.on_message = lambda cl, u, msg: again.append(msg.mid)
+    connect_async(c, gateway.cfg, session_properties(3600, 1000))
+    c.loop_start()
+    try:
+        wait_for(c.is_connected, 10, what="the ingester's session")
+        time.sleep(3)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    assert again == []
 
 
 # -- summaries heal themselves ---------------------------------------------------------
