@@ -629,8 +629,10 @@ def main() -> None:
                 m = ps.get_message(timeout=0.2)
                 if m is None or m["type"] != "message":
                     continue
-                ts = datetime.fromisoformat(json.loads(m["data"])["timestamp"])
-                latencies.append((datetime.now(UTC) - ts).total_seconds() * 1000)
+                now = datetime.now(UTC)
+                for reading in cache.live_readings(m["data"]):
+                    ts = datetime.fromisoformat(reading["timestamp"])
+                    latencies.append((now - ts).total_seconds() * 1000)
 
         listener = threading.Thread(target=listen, daemon=True)
         listener.start()

@@ -450,7 +450,9 @@ def forget_session(cfg, client_id: str) -> None:
     c = make_client(cfg, client_id, cfg.ingest.mqtt_username, cfg.ingest.mqtt_password_file)
     c.on_connect = lambda *a: ok.set()
     try:
-        c.connect(cfg.mqtt.host, cfg.mqtt.port, clean_start=True)
+        # MQTT 3.1.1: make_client asked for a clean session already.
+        start = {"clean_start": True} if cfg.mqtt.protocol == "5" else {}
+        c.connect(cfg.mqtt.host, cfg.mqtt.port, **start)
         c.loop_start()
         ok.wait(5)
         c.disconnect()

@@ -4,7 +4,8 @@ Keys (prefix ``sg:`` by default):
 - ``latest:<sensor_id>``  sorted set, score = reading time (ms), member = public JSON
 - ``latest``              the same across all sensors
 - ``sensors``             set of sensor ids seen
-- ``live``                pub/sub channel of public JSON readings
+- ``live``                pub/sub channel: a JSON array of public readings per
+  batch written
 - ``ingest:counters``     hash of the ingester's counters (for /metrics);
   ``ingest:counters:<n>`` those of ingest worker n > 0
 Sorted sets make a redelivered reading a no-op and keep order by time even
@@ -18,10 +19,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import redis
 
 from sensor_gateway.config import Config
 from sensor_gateway.model import public
+
+_live_encoder = msgspec.json.Encoder()
 
 
 def connect(cfg: Config) -> redis.Redis:
@@ -58,6 +62,32 @@ def _member(doc: dict[str, Any]) -> tuple[str, float]:
     return json.dumps(public(doc), separators=(",", ":")), doc["ts"].timestamp() * 1000
 
 
+def _newest(docs: list[dict[str, Any]], n: int) -> dict[str, float]:
+    """The newest n of docs as members: by time, then member (as Redis orders
+    equal scores). Only those that can be among them are encoded."""
+    scores = [d["ts"].timestamp() * 1000 for d in docs]
+    if len(docs) > n:
+        least = heapq.nlargest(n, scores)[-1]
+        docs = [d for d, score in zip(docs, scores, strict=True) if score >= least]
+    members = dict(_member(d) for d in docs)
+    return dict(heapq.nlargest(n, members.items(), key=lambda kv: (kv[1], kv[0])))
+
+
+def live_message(docs: list[dict[str, Any]]) -> bytes:
+    """A batch's new readings on the live channel: one message, a JSON array
+    (a PUBLISH per reading cost the ingester more than the rest of Redis)."""
+    return _live_encoder.encode([public(d) for d in docs])
+
+
+def live_readings(message: str | bytes) -> list[dict[str, Any]]:
+    """The readings of a live channel message (one reading alone: an ingester of
+    before the arrays, during an upgrade). Raises ValueError if it is not JSON."""
+    data = json.loads(message)
+    if isinstance(data, dict):
+        return [data]
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
 def store_latest(
     r: redis.Redis,
     keys: Keys,
@@ -72,15 +102,14 @@ def store_latest(
     rest are not sent.
     """
     pipe = r.pipeline(transaction=False)
-    members = [(d["sensor_id"], *_member(d)) for d in docs]
-    by_sensor: dict[str, dict[str, float]] = {}
-    for sensor_id, member, score in members:
-        by_sensor.setdefault(sensor_id, {})[member] = score
-        if live:
-            pipe.publish(keys.live, member)
+    if live and docs:
+        pipe.publish(keys.live, live_message(docs))
+    by_sensor: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        by_sensor.setdefault(d["sensor_id"], []).append(d)
     newest_overall: dict[str, float] = {}
-    for sensor_id, scored in by_sensor.items():
-        newest = dict(heapq.nlargest(n, scored.items(), key=lambda kv: (kv[1], kv[0])))
+    for sensor_id, sensor_docs in by_sensor.items():
+        newest = _newest(sensor_docs, n)
         newest_overall.update(newest)
         pipe.zadd(keys.latest(sensor_id), newest)
         pipe.zremrangebyrank(keys.latest(sensor_id), 0, -n - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import struct
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -70,3 +71,22 @@ def session_properties(
     if maximum_packet_size:
         props.MaximumPacketSize = maximum_packet_size
     return props
+
+
+_PUBACK = struct.Struct("!BBH")
+
+
+def acknowledge_all(client: mqtt.Client, mids: list[int]) -> None:
+    """Send a PUBACK for each QoS 1 message of ``mids``, all in one write.
+
+    paho's ``ack()`` queues a packet per message, wakes its network thread for
+    each (a byte on its socket pair) and sends each with a send() of its own: a
+    third of the ingester's acknowledge stage at thousands of messages a second.
+    Here one packet holding every PUBACK goes through paho's own output queue
+    (``_packet_queue``, paho-mqtt 2 internals, which ``ack()`` itself uses; a
+    test checks that every PUBACK reaches the broker). The PUBACK is the same in
+    MQTT 3.1.1 and 5 (a reason code of success may be left out).
+    """
+    if mids:
+        packet = b"".join(_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids)
+        client._packet_queue(mqtt.PUBACK, packet, 0, 0)

@@ -69,11 +69,12 @@ def test_latest_ten_in_redis_match_mongodb(gateway: Gateway) -> None:
     assert got == overall
 
 
-def test_what_was_stored_is_acknowledged_to_the_broker(gateway: Gateway) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_what_was_stored_is_acknowledged_to_the_broker(gateway: Gateway, protocol: str) -> None:
     """Every stored message's PUBACK reaches the broker: after a clean stop, the
     ingester's session holds nothing to deliver again (the broker redelivers
     what it holds unacknowledged; the dedupe would hide that, this would not)."""
-    gateway.set(ingest={"batch_size": 70})  # many batches, cut anywhere
+    gateway.set(ingest={"batch_size": 70}, mqtt={"protocol": protocol})  # many batches
     proc = gateway.spawn_ingester()
     gateway.publish(3000, rate=6000)
     gateway.wait_stored(3000)

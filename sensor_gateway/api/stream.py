@@ -19,6 +19,7 @@ from flask import Response, stream_with_context
 from marshmallow import RAISE
 from redis.exceptions import RedisError
 
+from sensor_gateway import cache
 from sensor_gateway.api import schemas
 from sensor_gateway.api.services import services
 
@@ -61,16 +62,17 @@ def stream(query_data: dict[str, Any]) -> Response:
             extra_data={"dependency": "redis"},
         )
 
-    def wanted(data: str) -> bool:
-        if sensor_id is None and kind is None:
-            return True
+    def wanted(data: str) -> list[dict[str, Any]]:
         try:
-            r = json.loads(data)
+            readings = cache.live_readings(data)
         except ValueError:
-            return False
-        return (sensor_id is None or r.get("sensor_id") == sensor_id) and (
-            kind is None or r.get("kind") == kind
-        )
+            return []
+        return [
+            r
+            for r in readings
+            if (sensor_id is None or r.get("sensor_id") == sensor_id)
+            and (kind is None or r.get("kind") == kind)
+        ]
 
     def events() -> Iterator[str]:
         deadline = time.monotonic() + max_s
@@ -79,9 +81,13 @@ def stream(query_data: dict[str, Any]) -> Response:
             yield "retry: 1000\n: connected\n\n"
             while (now := time.monotonic()) < deadline:
                 msg = pubsub.get_message(timeout=min(1.0, deadline - now))
-                if msg is not None and msg.get("type") == "message" and wanted(msg["data"]):
+                readings = wanted(msg["data"]) if msg and msg.get("type") == "message" else []
+                if readings:
                     next_beat = time.monotonic() + KEEPALIVE_S
-                    yield f"event: reading\ndata: {msg['data']}\n\n"
+                    yield "".join(
+                        f"event: reading\ndata: {json.dumps(r, separators=(',', ':'))}\n\n"
+                        for r in readings
+                    )
                 elif time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + KEEPALIVE_S
                     yield ": keepalive\n\n"

@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 from sensor_gateway.config import Config
 from sensor_gateway.ingest.counters import Counters
 from sensor_gateway.logs import TracebackOnce
-from sensor_gateway.mqtt import connect_async, make_client, session_properties
+from sensor_gateway.mqtt import acknowledge_all, connect_async, make_client, session_properties
 
 log = logging.getLogger("sensor_gateway.ingest")
 log_unexpected = TracebackOnce(log)
@@ -261,10 +261,11 @@ class Receiver:
         # A message from an earlier connection is not acknowledged: the broker
         # redelivers it on the resumed session (we dedupe it), and its packet id
         # may meanwhile name another message, which a stale PUBACK would drop.
+        # QoS 1 at most: the subscription asks for no more.
         current = self.connection
-        for m in batch:
-            if m.qos > 0 and m.connection == current:
-                self.client.ack(m.mid, m.qos)
+        acknowledge_all(
+            self.client, [m.mid for m in batch if m.qos > 0 and m.connection == current]
+        )
 
     def disconnect(self) -> None:
         """Leave the broker once the PUBACKs queued so far are out."""
