@@ -1,9 +1,13 @@
 """Ingest benchmark: prints one JSON line of figures.
 
-All three subscribers drain the same backlog, published once, on the same
+These subscribers drain the same backlog, published once, on the same
 services in the same run (the broker queues a copy for each persistent
 session):
-- ceiling: a bare paho MQTT 5 subscriber that only decodes JSON (auto-ack);
+- ceiling: a bare paho MQTT 5 subscriber that only decodes JSON (auto-ack),
+           on paho's own client;
+- ceiling_read_ahead: the same on the gateway's client (sensor_gateway.mqtt.Client:
+           reads ahead, several packets per wake of paho's loop), which the
+           ingester receives with;
 - ingest:  `sensor-gateway ingest` as a process (validate, batch, append to the
            minute buckets and set the summaries, Redis, then acknowledge);
 - naive:   one insert_one per message, acknowledged after it, as the systems
@@ -62,18 +66,24 @@ sys.path.insert(0, str(REPO))
 from devstack.notify import NotifySocket  # noqa: E402
 from devstack.stack import Stack, forget_session  # noqa: E402
 from sensor_gateway import cache, config, storage  # noqa: E402
+from sensor_gateway.mqtt import Client as GatewayClient  # noqa: E402
 from sensor_gateway.mqtt import make_client, session_properties  # noqa: E402
 
 TOPIC = "sensors/#"
 
 
-def persistent_subscriber(cfg, client_id: str, manual_ack: bool, on_message) -> mqtt.Client:
+def persistent_subscriber(
+    cfg, client_id: str, manual_ack: bool, on_message, client_class=mqtt.Client
+) -> mqtt.Client:
+    """paho's own client unless told otherwise: the ceiling and the naive
+    subscriber are what a plain paho program gets."""
     c = make_client(
         cfg,
         client_id,
         cfg.ingest.mqtt_username,
         cfg.ingest.mqtt_password_file,
         manual_ack=manual_ack,
+        client_class=client_class,
     )
     subscribed = threading.Event()
     c.on_connect = lambda cl, *a: cl.subscribe(TOPIC, qos=1)
@@ -134,10 +144,12 @@ def publish_backlog(cfg, n: int, run: str, timeout: float | None = None) -> None
     )
 
 
-def timed_drain(cfg, client_id: str, manual_ack: bool, on_message, done: threading.Event) -> float:
+def timed_drain(
+    cfg, client_id: str, manual_ack: bool, on_message, done: threading.Event, **kw
+) -> float:
     """Seconds from connecting a subscriber to its backlog until ``done`` is set."""
     t0 = time.perf_counter()
-    c = persistent_subscriber(cfg, client_id, manual_ack, on_message)
+    c = persistent_subscriber(cfg, client_id, manual_ack, on_message, **kw)
     assert done.wait(600), f"{client_id} did not drain its backlog"
     elapsed = time.perf_counter() - t0
     c.disconnect()
@@ -145,7 +157,7 @@ def timed_drain(cfg, client_id: str, manual_ack: bool, on_message, done: threadi
     return elapsed
 
 
-def drain_bare(cfg, n: int) -> float:
+def drain_bare(cfg, n: int, client_id: str = "bench-bare", **kw) -> float:
     got = 0
     done = threading.Event()
 
@@ -156,7 +168,7 @@ def drain_bare(cfg, n: int) -> float:
         if got >= n:
             done.set()
 
-    return n / timed_drain(cfg, "bench-bare", False, on_message, done)
+    return n / timed_drain(cfg, client_id, False, on_message, done, **kw)
 
 
 def drain_naive(cfg, n: int) -> float:
@@ -561,12 +573,18 @@ def main() -> None:
             procs.append(p)
             return p
 
-        for cid in ("bench-bare", "bench-naive", cfg.ingest.client_id):
+        sessions = ("bench-bare", "bench-bare-read-ahead", "bench-naive", cfg.ingest.client_id)
+        for cid in sessions:
             create_session(cfg, cid)
         run = "b" + os.urandom(3).hex()
         publish_backlog(cfg, args.messages, run)
 
         ceiling = drain_bare(cfg, args.messages)
+        # The same bare subscriber on the gateway's own client (sensor_gateway.mqtt:
+        # reads ahead, several packets per wake), which the ingester receives with.
+        ceiling_read_ahead = drain_bare(
+            cfg, args.messages, "bench-bare-read-ahead", client_class=GatewayClient
+        )
 
         db = storage.connect(cfg)
         r = cache.connect(cfg)
@@ -659,7 +677,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 ing.kill()
                 ing.wait()
-            for cid in ("bench-bare", "bench-naive", cfg.ingest.client_id):
+            for cid in sessions:
                 forget_session(cfg, cid)
             workers = run_workers(root, data, env, stack, args)
 
@@ -672,6 +690,8 @@ def main() -> None:
                     "ceiling_msgs_per_s": round(ceiling),
                     "naive_msgs_per_s": round(naive),
                     "ingest_vs_ceiling": round(ingest_rate / ceiling, 3),
+                    "ceiling_read_ahead_msgs_per_s": round(ceiling_read_ahead),
+                    "ingest_vs_read_ahead_ceiling": round(ingest_rate / ceiling_read_ahead, 3),
                     "ingest_vs_naive": round(ingest_rate / naive, 1),
                     "p50_ms": pct(0.50),
                     "p99_ms": pct(0.99),

@@ -703,3 +703,36 @@ def test_the_bridge_checks_the_central_broker_certificate(
         pub.close()
     assert "Received CONNACK on connection" not in log.read_text()
     assert stored_ids(central, "edge-t-t1") == []
+
+
+def test_the_daemons_publish_and_ingest_over_tls(start_central, certs: Certs) -> None:
+    """The gateway's MQTT client reads ahead (sensor_gateway.mqtt.ReadAheadSocket),
+    over TLS too, where paho asks the socket what it holds: readings big enough
+    to span TLS records among small ones are each stored once."""
+    central = start_central()
+    gw = central.gateway
+    for p in gw.procs:
+        p.terminate()
+        p.wait(20)
+    gw.set(mqtt={"port": central.tls_port, "tls": True, "ca_file": str(certs.ca)})
+    gw.spawn_ingester()
+    pub = gw.raw_publisher()
+    now = datetime.now(UTC).isoformat()
+    big = [
+        json.dumps(
+            {"msg_id": f"big-{i}", "value": i, "timestamp": now, "pad": "x" * (12000 + 997 * i)}
+        )
+        for i in range(4)
+    ]
+    infos = [pub.publish(f"sensors/temperature/big{i}", b, qos=1) for i, b in enumerate(big)]
+    sim = gw.publish(3000, rate=5000)
+    for info in infos:
+        info.wait_for_publish(10)
+    pub.disconnect()
+    pub.loop_stop()
+    gw.wait_stored(3004)
+    ids = Counter(r["msg_id"] for r in gw.readings())
+    assert ids.total() == 3004 and max(ids.values()) == 1
+    assert {f"{sim.run_id}-{i}" for i in range(1, 3001)} | {f"big-{i}" for i in range(4)} == set(
+        ids
+    )
