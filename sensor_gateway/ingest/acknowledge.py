@@ -1,4 +1,4 @@
-"""The acknowledge stage, after the write: Redis first, then a PUBACK per message.
+"""The acknowledge stage, after the write: Redis first, then the batch's PUBACKs (one write).
 
 It runs in a thread of its own (the finisher) so it overlaps the next
 batch's write; the hand-over queue holds one batch, so a stuck finisher
