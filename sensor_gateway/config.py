@@ -190,8 +190,8 @@ class IngestConfig:
     # A batch fills up only while messages wait (a backlog); at live rates
     # batch_timeout_ms closes it first. Large batches matter because every write
     # costs per document touched (a bucket per sensor-minute), not per reading.
-    # Measured (bench/ingest.py, FerretDB): 2000 drained a backlog at 0.8x the
-    # rate of 4000, 6000 at 1.1x; the bound on what is held grows with it.
+    # Draining a backlog into FerretDB, 2000 went at about 0.8x the rate of 4000
+    # and 6000 at 1.1x (README, Benchmarks); what may be held grows with it.
     batch_size: int = 4000
     batch_timeout_ms: int = 50
     # Receive Maximum = batch_size * this: one batch being written while the

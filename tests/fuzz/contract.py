@@ -137,3 +137,7 @@ def check_batch_readings(readings: list[dict[str, Any]]) -> None:
         assert math.isfinite(a["min"]) and math.isfinite(a["max"]), a
     for d in stored:
         cache._member(d)
+    # The live channel carries the batch as one array, read back reading by reading.
+    if stored:
+        live = cache.live_readings(cache.live_message(stored))
+        assert live == [model.public(d) for d in stored], live
