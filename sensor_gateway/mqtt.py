@@ -55,8 +55,9 @@ class Client(mqtt.Client):
     """paho's client, reading ahead (:class:`ReadAheadSocket`) and handling
     every packet at hand per wake of its loop rather than one. Measured draining
     a backlog with a bare subscriber: 1.6x paho's own rate (bench/ingest.py,
-    ``ceiling_read_ahead_msgs_per_s`` against ``ceiling_msgs_per_s``). Uses paho-mqtt 2 internals (``_create_socket``, ``_sock``),
-    as its own websocket wrapper does; the whole suite runs over it."""
+    ``ceiling_read_ahead_msgs_per_s`` against ``ceiling_msgs_per_s``). Uses
+    paho-mqtt 2 internals (``_create_socket``, ``_sock``), as its own websocket
+    wrapper does; the whole suite runs over it."""
 
     def _create_socket(self) -> Any:
         return ReadAheadSocket(super()._create_socket())
