@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo import UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
@@ -52,6 +52,12 @@ def _why(exc: BaseException) -> str:
         errs = exc.details.get("writeErrors") or [{}]
         return f"{errs[0].get('errmsg', exc)} (code {errs[0].get('code')})"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _duplicate_key(exc: BaseException) -> bool:
+    if isinstance(exc, BulkWriteError):
+        return any(e.get("code") == 11000 for e in exc.details.get("writeErrors") or ())
+    return isinstance(exc, DuplicateKeyError)
 
 
 def new_key() -> str:
@@ -216,7 +222,7 @@ class Writer:
 
     def _write(self, groups: dict[str, list[dict[str, Any]]]) -> Written:
         out = Written()
-        sample_ops: list[UpdateOne] = []
+        sample_ops: list[InsertOne | UpdateOne] = []
         op_bucket: list[str] = []
         appended: dict[str, list[dict[str, Any]]] = {}
         new_state: dict[str, MinuteState] = {}
@@ -224,6 +230,7 @@ class Writer:
             sid = rs[0]["sensor_id"]
             base = layout.floor(rs[0]["_us"], layout.US_MINUTE)
             st = self._bucket(bid, base).copy()
+            existing = st.segments
             # The documents this batch appends to: segment -> what to push, and
             # its (kind, unit) list (``a``) if that grows.
             pushes: dict[int, dict[str, Any]] = {}
@@ -263,18 +270,22 @@ class Writer:
             st.finish()
             new_state[bid] = st
             for i, seg in pushes.items():
-                update: dict[str, Any] = {
-                    "$push": {f: {"$each": vals} for f, vals in seg["fields"].items()},
-                    "$setOnInsert": {"s": sid, "b": base, "o": seg["offset"]},
-                }
-                if seg["grew"]:
-                    # Objects, not pairs: FerretDB stores no arrays inside arrays.
-                    update["$set"] = {"a": [{"k": k, "u": u} for k, u in seg["attrs"]]}
-                sample_ops.append(
-                    UpdateOne(
-                        {"_id": layout.bucket_id(sid, base, i, self.lane)}, update, upsert=True
-                    )
-                )
+                _id = layout.bucket_id(sid, base, i, self.lane)
+                # Objects, not pairs: FerretDB stores no arrays inside arrays.
+                attrs = [{"k": k, "u": u} for k, u in seg["attrs"]]
+                if i >= existing:
+                    # A segment this batch opens is inserted: one transaction for all
+                    # of them, where FerretDB gives each update one of its own.
+                    doc = {"_id": _id, "s": sid, "b": base, "o": seg["offset"]}
+                    sample_ops.append(InsertOne({**doc, **seg["fields"], "a": attrs}))
+                else:
+                    update: dict[str, Any] = {
+                        "$push": {f: {"$each": vals} for f, vals in seg["fields"].items()},
+                        "$setOnInsert": {"s": sid, "b": base, "o": seg["offset"]},
+                    }
+                    if seg["grew"]:
+                        update["$set"] = {"a": attrs}
+                    sample_ops.append(UpdateOne({"_id": _id}, update, upsert=True))
                 op_bucket.append(bid)
             if new:
                 appended[bid] = new
@@ -303,34 +314,49 @@ class Writer:
                 out.new.append(r)
         return out
 
-    def _applied(self, coll: str, op: UpdateOne) -> bool:
-        keys = op._doc["$push"]["k"]["$each"]
-        doc = self.db[coll].find_one(op._filter, {"k": 1})
+    def _applied(self, coll: str, op: InsertOne | UpdateOne) -> bool:
+        """Whether an append (or a segment's insert) is in: its first key is there."""
+        if isinstance(op, InsertOne):
+            _filter, keys = {"_id": op._doc["_id"]}, op._doc["k"]
+        else:
+            _filter, keys = op._filter, op._doc["$push"]["k"]["$each"]
+        doc = self.db[coll].find_one(_filter, {"k": 1})
         return bool(doc) and isinstance(doc.get("k"), list) and keys[0] in doc["k"]
 
-    def _bulk(self, coll: str, ops: list[UpdateOne], names: list[str]) -> dict[str, str]:
-        """Run ops unordered; returns {name: reason} for documents the server (or
-        BSON) refused. Any other error is raised."""
+    def _bulk(
+        self, coll: str, ops: list[InsertOne | UpdateOne], names: list[str]
+    ) -> dict[str, str]:
+        """Run ops unordered (updates a few per command, inserts all in one);
+        returns {name: reason} for documents the server (or BSON) refused. Any
+        other error is raised."""
         from sensor_gateway.storage import DOCUMENT, classify
 
+        named = list(zip(ops, names, strict=True))
+        updates = [x for x in named if isinstance(x[0], UpdateOne)]
+        inserts = [x for x in named if isinstance(x[0], InsertOne)]
+        chunks = [
+            updates[i : i + MAX_UPDATES_PER_COMMAND]
+            for i in range(0, len(updates), MAX_UPDATES_PER_COMMAND)
+        ]
         refused: dict[str, str] = {}
-        for i in range(0, len(ops), MAX_UPDATES_PER_COMMAND):
-            chunk = ops[i : i + MAX_UPDATES_PER_COMMAND]
+        for chunk in [*chunks, inserts] if inserts else chunks:
             try:
-                self.db[coll].bulk_write(chunk, ordered=False)
+                self.db[coll].bulk_write([op for op, _ in chunk], ordered=False)
             except Exception as exc:
                 if classify(exc) != DOCUMENT:
                     raise
                 # Which document? FerretDB's bulk replies name the wrong one (and
                 # skip the rest), so each is tried alone, unless it went through:
                 # an append carries its readings' keys, found in the document.
-                for op, name in zip(chunk, names[i : i + MAX_UPDATES_PER_COMMAND], strict=True):
+                for op, name in chunk:
                     if self._applied(coll, op):
                         continue
                     try:
                         self.db[coll].bulk_write([op], ordered=False)
                     except Exception as one:  # noqa: BLE001 - classified right here
-                        if classify(one) != DOCUMENT:
+                        if classify(one) != DOCUMENT or _duplicate_key(one):
+                            # A segment that exists without these readings: what this
+                            # writer knew is stale; the batch is held, read again, retried.
                             raise
                         refused[name] = f"MongoDB refused the reading's bucket: {_why(one)}"
         return refused

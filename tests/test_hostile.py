@@ -180,6 +180,27 @@ def test_a_reading_bson_cannot_encode_becomes_a_reject(gateway: Gateway) -> None
     assert len(rejected) == 1 and "8-byte ints" in rejected[0]["reason"]
 
 
+def test_a_segment_written_behind_the_writers_back_is_not_overwritten(gateway: Gateway) -> None:
+    """A minute's new segments are inserted; if one exists already (what the writer
+    knew is stale: another writer of its lane), the insert fails, the batch is
+    held, and the retry reads the minute again: every reading stored once."""
+    db = gateway.db
+    seg = layout.SEGMENT
+    stale, other = Writer(db), Writer(db)
+    stale.write([_reading(f"a{i}") for i in range(seg)])  # segment 0, full
+    other.write([_reading(f"a{i}") for i in range(seg)])  # reads it: all duplicates
+    other.write([_reading(f"b{i}") for i in range(seg)])  # opens segment 1
+    batch = [_reading(f"c{i}") for i in range(seg)]  # the stale writer opens segment 1 too
+    with pytest.raises(Exception) as held:
+        stale.write([dict(r) for r in batch])
+    assert storage.classify(held.value) != storage.PERMANENT
+    out = stale.write([dict(r) for r in batch])
+    assert len(out.new) == seg and not out.refused
+    keys = [k for d in db[layout.SAMPLES].find() for k in d["k"]]
+    assert sorted(keys) == sorted([f"{x}{i}" for x in "abc" for i in range(seg)])
+    assert queries.count_all(db) == 3 * seg
+
+
 def test_a_retried_batch_of_rejects_is_stored_once(gateway: Gateway) -> None:
     rejects = [{"topic": "t", "payload": "x", "reason": "r", "received_at": datetime.now(UTC)}]
     assert storage.insert_rejects(gateway.db, rejects) == []
