@@ -6,8 +6,9 @@ Exactly once, without transactions (FerretDB has none):
 - every reading carries a key (its dedupe key, or one made up when it arrives,
   so a retried batch is still recognised); a bucket lists the keys it holds,
   and a reading whose key is already in its bucket is not appended again;
-- one bucket's append is one single-document update, which both engines apply
-  atomically: after a crash a bucket holds a batch's readings wholly or not at all;
+- one bucket's append is one single-document update (a segment the batch opens:
+  one insert), which both engines apply atomically: after a crash a bucket holds
+  a batch's readings wholly or not at all;
 - summaries are *set* to values recomputed from the buckets, so writing them
   again heals whatever a crash between two writes left behind, and a
   redelivered batch writes them again even when none of its readings is new.
