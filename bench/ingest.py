@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 from devstack.notify import NotifySocket  # noqa: E402
 from devstack.stack import Stack, forget_session  # noqa: E402
 from sensor_gateway import cache, config, storage  # noqa: E402
+from sensor_gateway.ingest.ingester import CONNECTING_STATUS  # noqa: E402
 from sensor_gateway.mqtt import Client as GatewayClient  # noqa: E402
 from sensor_gateway.mqtt import make_client, session_properties  # noqa: E402
 
@@ -603,7 +604,8 @@ def main() -> None:
         ing = spawn("ingest", log="ingest.log", extra_env={"NOTIFY_SOCKET": notify.path})
         sampler = RssSampler(ing.pid)
         sampler.start()
-        t0 = notify.first("STATUS=waiting for the MQTT subscription", 120)
+        t0 = notify.first(f"STATUS={CONNECTING_STATUS}", 120)
+        notify.close()
         if t0 is None:
             raise SystemExit("the ingester never began connecting to the broker")
         cpu0 = {k: cpu_seconds(pid) for k, pid in services.items()}

@@ -48,17 +48,15 @@ RECEIPT_LOOKBACK_US = 15 * layout.US_MINUTE
 MAX_UPDATES_PER_COMMAND = 16
 
 
+def _write_errors(exc: BaseException) -> list[dict[str, Any]]:
+    return (exc.details.get("writeErrors") or []) if isinstance(exc, BulkWriteError) else []
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, BulkWriteError):
-        errs = exc.details.get("writeErrors") or [{}]
+        errs = _write_errors(exc) or [{}]
         return f"{errs[0].get('errmsg', exc)} (code {errs[0].get('code')})"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _duplicate_key(exc: BaseException) -> bool:
-    if isinstance(exc, BulkWriteError):
-        return any(e.get("code") == 11000 for e in exc.details.get("writeErrors") or ())
-    return isinstance(exc, DuplicateKeyError)
 
 
 def new_key() -> str:
@@ -274,15 +272,15 @@ class Writer:
                 _id = layout.bucket_id(sid, base, i, self.lane)
                 # Objects, not pairs: FerretDB stores no arrays inside arrays.
                 attrs = [{"k": k, "u": u} for k, u in seg["attrs"]]
+                head = {"s": sid, "b": base, "o": seg["offset"]}
                 if i >= existing:
                     # A segment this batch opens is inserted: one transaction for all
                     # of them, where FerretDB gives each update one of its own.
-                    doc = {"_id": _id, "s": sid, "b": base, "o": seg["offset"]}
-                    sample_ops.append(InsertOne({**doc, **seg["fields"], "a": attrs}))
+                    sample_ops.append(InsertOne({"_id": _id, **head, **seg["fields"], "a": attrs}))
                 else:
                     update: dict[str, Any] = {
                         "$push": {f: {"$each": vals} for f, vals in seg["fields"].items()},
-                        "$setOnInsert": {"s": sid, "b": base, "o": seg["offset"]},
+                        "$setOnInsert": head,
                     }
                     if seg["grew"]:
                         update["$set"] = {"a": attrs}
@@ -330,7 +328,7 @@ class Writer:
         """Run ops unordered (updates a few per command, inserts all in one);
         returns {name: reason} for documents the server (or BSON) refused. Any
         other error is raised."""
-        from sensor_gateway.storage import DOCUMENT, classify
+        from sensor_gateway.storage import DOCUMENT, DUPLICATE_KEY, classify
 
         named = list(zip(ops, names, strict=True))
         updates = [x for x in named if isinstance(x[0], UpdateOne)]
@@ -355,7 +353,8 @@ class Writer:
                     try:
                         self.db[coll].bulk_write([op], ordered=False)
                     except Exception as one:  # noqa: BLE001 - classified right here
-                        if classify(one) != DOCUMENT or _duplicate_key(one):
+                        codes = {e.get("code") for e in _write_errors(one)}
+                        if classify(one) != DOCUMENT or DUPLICATE_KEY in codes:
                             # A segment that exists without these readings: what this
                             # writer knew is stale; the batch is held, read again, retried.
                             raise

@@ -41,6 +41,9 @@ log = logging.getLogger("sensor_gateway.ingest")
 # Exit status of a permanent database error (sysexits' EX_CONFIG); the unit's
 # RestartPreventExitStatus= keeps systemd from restarting into the same wall.
 EXIT_PERMANENT = 78
+# The STATUS sent just before the broker connection is opened (bench/ingest.py
+# times the drain from it).
+CONNECTING_STATUS = "waiting for the MQTT subscription"
 # A retiring worker's session has given all it held once nothing came for this long.
 RETIRE_IDLE_S = 3.0
 
@@ -77,10 +80,11 @@ class Ingester:
         # twice the work would change nothing.
         self.leader = self.icfg.worker == 0 and not retire
         chores = (
-            retention.sweeper(cfg, self.stop_event),
-            compaction.compactor(cfg, self.stop_event),
+            (retention.sweeper(cfg, self.stop_event), compaction.compactor(cfg, self.stop_event))
+            if self.leader
+            else ()
         )
-        self.housekeeping = [c for c in chores if c is not None] if self.leader else []
+        self.housekeeping = [c for c in chores if c is not None]
         self.stats_publisher: Any = None  # a StatsPublisher when ingest.stats_topic is set
 
     # -- start-up ----------------------------------------------------------------
@@ -110,7 +114,7 @@ class Ingester:
         self.latest.check()
         rx = self.receiver
         rx.connect()
-        self.notifier.status(f"waiting for the MQTT subscription to {rx.topic_filter}")
+        self.notifier.status(f"{CONNECTING_STATUS} to {rx.topic_filter}")
         deadline = None if ready_timeout is None else time.monotonic() + ready_timeout
         while not rx.subscribed.wait(0.5):
             if self.stop_event.is_set() or (deadline and time.monotonic() > deadline):
