@@ -58,18 +58,26 @@ class Keys:
         return f"{self.prefix}latest:{sensor_id}"
 
 
+def _score(doc: dict[str, Any]) -> float:
+    return doc["ts"].timestamp() * 1000
+
+
+def _encode_member(shown: dict[str, Any]) -> str:
+    return json.dumps(shown, separators=(",", ":"))
+
+
 def _member(doc: dict[str, Any]) -> tuple[str, float]:
-    return json.dumps(public(doc), separators=(",", ":")), doc["ts"].timestamp() * 1000
+    return _encode_member(public(doc)), _score(doc)
 
 
-def _newest(docs: list[dict[str, Any]], n: int) -> dict[str, float]:
-    """The newest n of docs as members: by time, then member (as Redis orders
-    equal scores). Only those that can be among them are encoded."""
-    scores = [d["ts"].timestamp() * 1000 for d in docs]
-    if len(docs) > n:
-        least = heapq.nlargest(n, scores)[-1]
-        docs = [d for d, score in zip(docs, scores, strict=True) if score >= least]
-    members = dict(_member(d) for d in docs)
+def _newest(readings: list[tuple[float, dict[str, Any]]], n: int) -> dict[str, float]:
+    """The newest n of readings ((score, public form) pairs) as members: by time,
+    then member (as Redis orders equal scores). Only those that can be among
+    them are encoded."""
+    if len(readings) > n:
+        least = heapq.nlargest(n, (score for score, _ in readings))[-1]
+        readings = [r for r in readings if r[0] >= least]
+    members = {_encode_member(shown): score for score, shown in readings}
     return dict(heapq.nlargest(n, members.items(), key=lambda kv: (kv[1], kv[0])))
 
 
@@ -102,14 +110,16 @@ def store_latest(
     rest are not sent.
     """
     pipe = r.pipeline(transaction=False)
+    # Each reading's public form is made once, for the live channel and the sets.
+    shown = [public(d) for d in docs]
     if live and docs:
-        pipe.publish(keys.live, live_message(docs))
-    by_sensor: dict[str, list[dict[str, Any]]] = {}
-    for d in docs:
-        by_sensor.setdefault(d["sensor_id"], []).append(d)
+        pipe.publish(keys.live, _live_encoder.encode(shown))
+    by_sensor: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for d, pub in zip(docs, shown, strict=True):
+        by_sensor.setdefault(d["sensor_id"], []).append((_score(d), pub))
     newest_overall: dict[str, float] = {}
-    for sensor_id, sensor_docs in by_sensor.items():
-        newest = _newest(sensor_docs, n)
+    for sensor_id, readings in by_sensor.items():
+        newest = _newest(readings, n)
         newest_overall.update(newest)
         pipe.zadd(keys.latest(sensor_id), newest)
         pipe.zremrangebyrank(keys.latest(sensor_id), 0, -n - 1)

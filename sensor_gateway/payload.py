@@ -126,7 +126,9 @@ def parse_time(text: Any, field: str = "timestamp") -> datetime | Reject:
         dt = datetime.fromisoformat(text.strip())
     except ValueError:
         return Reject(f"{field} is not ISO 8601: {show(text)}")
-    offset = dt.utcoffset() or timedelta(0)
+    offset = dt.utcoffset()
+    if not offset:  # naive or UTC, as nearly every sensor sends: nothing to convert
+        return dt.replace(tzinfo=UTC)
     local = dt.replace(tzinfo=None)
     # Converting to UTC overflows when the offset crosses year 1 or year 9999.
     if (offset > timedelta(0) and local - datetime.min < offset) or (

@@ -1,17 +1,21 @@
-"""The gateway's MQTT client reads ahead (sensor_gateway.mqtt.ReadAheadSocket):
-whatever sizes paho asks for, it gets the stream's bytes in order, exactly once,
-and ``pending()`` says what is held. (Over a broker, plain and TLS: the suite.)"""
+"""The gateway's MQTT client (sensor_gateway.mqtt) reads ahead: whatever sizes
+paho asks for, it gets the stream's bytes in order, exactly once, and
+``pending()`` says what is held; and it decodes PUBLISH packets itself: it
+hands on what paho would, and fails where paho fails. (Over a broker, plain
+and TLS: the suite.)"""
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paho.mqtt import client as mqtt
 
-from sensor_gateway.mqtt import ReadAheadSocket
+from sensor_gateway.mqtt import Client, ReadAheadSocket
 
 
 @settings(max_examples=200, deadline=None)
@@ -50,3 +54,98 @@ def test_reads_return_the_stream_in_order(data: bytes, asks: list[int]) -> None:
     finally:
         a.close()
         b.close()
+
+
+# -- the gateway's own PUBLISH decoding against paho's ---------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@st.composite
+def _publish(draw: st.DrawFn, v5: bool) -> bytes:
+    qos = draw(st.integers(0, 2))
+    flags = qos << 1 | draw(st.integers(0, 1)) << 3 | draw(st.integers(0, 1))
+    topic = draw(st.one_of(st.text(max_size=40).map(str.encode), st.binary(max_size=40)))
+    body = len(topic).to_bytes(2, "big") + topic
+    if qos:
+        body += draw(st.integers(0, 0xFFFF)).to_bytes(2, "big")
+    if v5:
+        # No properties, a User Property, or bytes claiming to be properties.
+        props = draw(
+            st.sampled_from([b"", b"\x26\x00\x01k\x00\x01v", b"\x01\x01", b"\x02\x00\x00\x00\x05"])
+            | st.binary(max_size=6)
+        )
+        body += _varint(len(props)) + props
+    body += draw(st.binary(max_size=3000))
+    if draw(st.integers(0, 9)) == 0:  # a length that lies
+        body = body[: draw(st.integers(0, len(body)))]
+        return bytes([0x30 | flags]) + _varint(len(body) + draw(st.integers(-3, 3)) % 5) + body
+    return bytes([0x30 | flags]) + _varint(len(body)) + body
+
+
+def _stream(v5: bool) -> st.SearchStrategy[bytes]:
+    packet = st.one_of(
+        _publish(v5),
+        st.just(b"\xd0\x00"),  # PINGRESP
+        st.binary(max_size=8),  # garbage
+    )
+    # Mostly PUBLISHes, as a broker sends.
+    return st.lists(st.one_of(_publish(v5), _publish(v5), packet), max_size=30).map(b"".join)
+
+
+def _received(client_class: type, v5: bool, stream: bytes, chunk: int) -> list[tuple]:
+    """What ``client_class`` hands on_message for ``stream`` (sent in ``chunk``-byte
+    pieces), and the return code it ends with."""
+    a, b = socket.socketpair()
+    got: list[tuple] = []
+    try:
+        b.setblocking(False)
+        c = client_class(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="t",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+
+        def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+            props = m.properties.json() if m.properties is not None else None
+            got.append((m._topic, m.mid, m.qos, m.dup, m.retain, bytes(m.payload), props))
+
+        c.on_message = on_message
+        c._sock = ReadAheadSocket(b) if client_class is Client else b
+        c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+        rc = mqtt.MQTT_ERR_SUCCESS
+        for i in range(0, len(stream), chunk):
+            a.sendall(stream[i : i + chunk])
+            # Read while bytes are at hand, read ahead or in the socket.
+            while c._sock is not None and not rc:
+                held = c._sock.pending() if isinstance(c._sock, ReadAheadSocket) else 0
+                if not held and not select.select([b], [], [], 0)[0]:
+                    break
+                rc = c.loop_read()
+            if rc or c._sock is None:
+                break
+        got.append(("rc", int(rc)))
+    finally:
+        a.close()
+        b.close()
+    return got
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), v5=st.booleans(), chunk=st.sampled_from([1, 7, 100, 4096, 1 << 20]))
+def test_publishes_are_decoded_as_paho_decodes_them(
+    data: st.DataObject, v5: bool, chunk: int
+) -> None:
+    """Whatever the broker's bytes (well-formed or not, properties or none, whole
+    or split), the gateway's client hands on the same messages as paho's own and
+    fails where paho fails."""
+    stream = data.draw(_stream(v5))
+    assert _received(Client, v5, stream, chunk) == _received(mqtt.Client, v5, stream, chunk)
