@@ -44,6 +44,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -549,6 +550,7 @@ def main() -> None:
     ap.add_argument("--workers-messages", type=int, default=0, help="default: --messages")
     ap.add_argument("--kill-messages", type=int, default=20000)
     ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the services' folder and logs")
     args = ap.parse_args()
     args.workers_messages = args.workers_messages or args.messages
 
@@ -556,6 +558,7 @@ def main() -> None:
     stack = Stack(root=root)
     stack.start()
     procs: list[subprocess.Popen] = []
+    finished = False
     try:
         data = stack.config_dict(database="bench")
         cfg_path = root / "gateway.toml"
@@ -715,6 +718,7 @@ def main() -> None:
                 }
             )
         )
+        finished = True
     finally:
         for p in procs:
             if p.poll() is None:
@@ -724,6 +728,11 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     p.kill()
         stack.stop()
+        # A failed run keeps its logs for a look; a finished one tidies up.
+        if finished and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"services' folder and logs kept in {root}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl
 import struct
-import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -164,14 +163,14 @@ class Client(mqtt.Client):
             msg.qos = (first & 0x06) >> 1
             msg.retain = bool(first & 0x01)
             msg.payload = payload
-            msg.timestamp = time.monotonic()
+            msg.timestamp = mqtt.time_func()
             self._handle_on_message(msg)
             if msg.qos and not self._manual_ack:
                 self._send_puback(mid)
             handled += 1
         if handled:
             with self._msgtime_mutex:
-                self._last_bytes_received = time.monotonic()
+                self._last_bytes_received = mqtt.time_func()
         return handled
 
     def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:

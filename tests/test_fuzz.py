@@ -42,6 +42,11 @@ def test_payload_inputs_keep_the_contract(path: Path) -> None:
     targets.payload_input(path.read_bytes())
 
 
+@pytest.mark.parametrize("path", _inputs("mqtt"), ids=_id)
+def test_mqtt_inputs_decode_as_paho_decodes_them(path: Path) -> None:
+    targets.mqtt_input(path.read_bytes())
+
+
 @pytest.mark.parametrize("path", _inputs("batch"), ids=_id)
 def test_batch_inputs_keep_the_contract(path: Path) -> None:
     pytest.importorskip("atheris")  # a batch input drives atheris' FuzzedDataProvider
@@ -62,7 +67,7 @@ def test_payload_seeds_as_one_batch_twice() -> None:
     assert len(out.rejects) % 2 == 0
 
 
-@pytest.mark.parametrize("target", ["payload", "batch"])
+@pytest.mark.parametrize("target", ["payload", "batch", "mqtt"])
 def test_short_bounded_fuzz_finds_no_crash(target: str, tmp_path: Path) -> None:
     pytest.importorskip("atheris")
     proc = subprocess.run(

@@ -7,7 +7,6 @@ and TLS: the suite.)"""
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from paho.mqtt import client as mqtt
 
 from sensor_gateway.mqtt import Client, ReadAheadSocket
+from tests.fuzz.targets import received
 
 
 @settings(max_examples=200, deadline=None)
@@ -100,45 +100,6 @@ def _stream(v5: bool) -> st.SearchStrategy[bytes]:
     return st.lists(st.one_of(_publish(v5), _publish(v5), packet), max_size=30).map(b"".join)
 
 
-def _received(client_class: type, v5: bool, stream: bytes, chunk: int) -> list[tuple]:
-    """What ``client_class`` hands on_message for ``stream`` (sent in ``chunk``-byte
-    pieces), and the return code it ends with."""
-    a, b = socket.socketpair()
-    got: list[tuple] = []
-    try:
-        b.setblocking(False)
-        c = client_class(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id="t",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            manual_ack=True,
-        )
-
-        def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
-            props = m.properties.json() if m.properties is not None else None
-            got.append((m._topic, m.mid, m.qos, m.dup, m.retain, bytes(m.payload), props))
-
-        c.on_message = on_message
-        c._sock = ReadAheadSocket(b) if client_class is Client else b
-        c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
-        rc = mqtt.MQTT_ERR_SUCCESS
-        for i in range(0, len(stream), chunk):
-            a.sendall(stream[i : i + chunk])
-            # Read while bytes are at hand, read ahead or in the socket.
-            while c._sock is not None and not rc:
-                held = c._sock.pending() if isinstance(c._sock, ReadAheadSocket) else 0
-                if not held and not select.select([b], [], [], 0)[0]:
-                    break
-                rc = c.loop_read()
-            if rc or c._sock is None:
-                break
-        got.append(("rc", int(rc)))
-    finally:
-        a.close()
-        b.close()
-    return got
-
-
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), v5=st.booleans(), chunk=st.sampled_from([1, 7, 100, 4096, 1 << 20]))
 def test_publishes_are_decoded_as_paho_decodes_them(
@@ -148,4 +109,4 @@ def test_publishes_are_decoded_as_paho_decodes_them(
     or split), the gateway's client hands on the same messages as paho's own and
     fails where paho fails."""
     stream = data.draw(_stream(v5))
-    assert _received(Client, v5, stream, chunk) == _received(mqtt.Client, v5, stream, chunk)
+    assert received(Client, v5, stream, chunk) == received(mqtt.Client, v5, stream, chunk)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the atheris fuzz targets for a bounded time; print one JSON line.
 
-    .venv/bin/python tests/fuzz/run.py [--seconds 600] [--targets payload,batch] [--work DIR]
+    .venv/bin/python tests/fuzz/run.py [--seconds 600] [--targets payload,batch,mqtt] [--work DIR]
 
 ``make fuzz`` runs it (``FUZZ_SECONDS``, default 600, shared equally between
 the targets, one after the other). Each target starts from its seed corpus
@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-TARGETS = ("payload", "batch")
+TARGETS = ("payload", "batch", "mqtt")
 # Payloads up to the 16 KiB limit and a little over it matter.
 MAX_LEN = 17000
 # A message whose validation takes this long stalls ingestion: a crash too.

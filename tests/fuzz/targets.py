@@ -14,19 +14,31 @@ redelivered with the same packet id) and the limits, then runs
 and what a batch input means depends on the code below: change it and the
 seeds in ``corpus/batch`` still run, as other batches.
 
-The atheris scripts ``fuzz_payload.py`` and ``fuzz_batch.py`` import this
-module only after instrumenting ``sensor_gateway``; ``tests/test_fuzz.py``
-replays the corpus through it, the payload inputs without atheris.
+``mqtt_input(data)``: the first byte picks MQTT 5 or 3.1.1 (its low bit) and
+the size of the pieces the rest arrives in; the rest is what the broker
+sends. The gateway's MQTT client (``sensor_gateway.mqtt.Client``, which
+decodes PUBLISH packets itself) must hand on_message the same messages as
+paho's own client, and fail where it fails (:func:`received`).
+
+The atheris scripts ``fuzz_payload.py``, ``fuzz_batch.py`` and
+``fuzz_mqtt.py`` import this module only after instrumenting
+``sensor_gateway``; ``tests/test_fuzz.py`` replays the corpus through it, the
+payload and mqtt inputs without atheris.
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from paho.mqtt import client as mqtt
+
 from sensor_gateway.ingest import receive, validate
+from sensor_gateway.mqtt import Client, ReadAheadSocket
 from sensor_gateway.payload import DEFAULT_LIMITS, Limits, dedupe_key, parse
 from tests.fuzz import contract
 
@@ -256,3 +268,57 @@ def check_batch(batch: list[receive.Incoming], limits: Limits, keep: int) -> Non
 
 def batch_input(data: bytes) -> None:
     check_batch(*make_batch(data))
+
+
+# -- the MQTT client -----------------------------------------------------------------
+
+# The sizes of the pieces a stream arrives in (the first byte of an input picks one).
+PIECES = (1, 2, 7, 100, 1500, 4096, 65536, 1 << 20)
+
+
+def received(client_class: type[mqtt.Client], v5: bool, stream: bytes, piece: int) -> list[tuple]:
+    """What ``client_class`` hands on_message for ``stream``, the broker's bytes
+    (sent in ``piece``-byte pieces), ending with the return code it stops on."""
+    a, b = socket.socketpair()
+    got: list[tuple] = []
+    try:
+        b.setblocking(False)
+        c = client_class(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="t",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+
+        def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+            props = m.properties.json() if m.properties is not None else None
+            got.append((m._topic, m.mid, m.qos, m.dup, m.retain, bytes(m.payload), props))
+
+        c.on_message = on_message
+        c._sock = ReadAheadSocket(b) if issubclass(client_class, Client) else b
+        c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+        rc = mqtt.MQTT_ERR_SUCCESS
+        for i in range(0, len(stream), piece):
+            a.sendall(stream[i : i + piece])
+            # Read while bytes are at hand, read ahead or in the socket.
+            while c._sock is not None and not rc:
+                held = c._sock.pending() if isinstance(c._sock, ReadAheadSocket) else 0
+                if not held and not select.select([b], [], [], 0)[0]:
+                    break
+                rc = c.loop_read()
+            if rc or c._sock is None:
+                break
+        got.append(("rc", int(rc)))
+    finally:
+        a.close()
+        b.close()
+    return got
+
+
+def mqtt_input(data: bytes) -> None:
+    if not data:
+        return
+    v5, piece = bool(data[0] & 1), PIECES[(data[0] >> 1) % len(PIECES)]
+    stream = data[1:]
+    ours, paho = received(Client, v5, stream, piece), received(mqtt.Client, v5, stream, piece)
+    assert ours == paho, f"the gateway's client handed on {ours[:3]}..., paho {paho[:3]}..."
