@@ -26,6 +26,9 @@ from sensor_gateway.config import Config
 from sensor_gateway.model import public
 
 _live_encoder = msgspec.json.Encoder()
+# json.dumps(..., separators=...) builds an encoder per call; members must stay
+# byte-identical to what earlier versions wrote, so json's own, made once.
+_member_encoder = json.JSONEncoder(separators=(",", ":"))
 
 
 def connect(cfg: Config) -> redis.Redis:
@@ -63,7 +66,7 @@ def _score(doc: dict[str, Any]) -> float:
 
 
 def _encode_member(shown: dict[str, Any]) -> str:
-    return json.dumps(shown, separators=(",", ":"))
+    return _member_encoder.encode(shown)
 
 
 def _member(doc: dict[str, Any]) -> tuple[str, float]:

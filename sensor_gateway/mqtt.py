@@ -92,14 +92,28 @@ class ReadAheadSocket:
 
 
 class Message(mqtt.MQTTMessage):
-    """paho's message whose MQTT 5 properties (empty, see :meth:`Client._read_ahead`)
-    are made only if asked for: making them cost more than the rest of a message."""
+    """paho's received message, made without what a received message does not
+    need up front: its MQTT 5 properties (empty, see :meth:`Client._read_ahead`)
+    and its ``info`` (a lock and a condition, for messages we publish) are made
+    only if asked for. Together they cost more than the rest of a message."""
 
-    __slots__ = ("_props", "_v5")
+    __slots__ = ("_props", "_v5", "_info")
 
-    def __init__(self, mid: int, topic: bytes, v5: bool) -> None:
+    def __init__(
+        self, mid: int, topic: bytes, v5: bool, first: int, payload: bytes, timestamp: float
+    ) -> None:
+        # What paho's __init__ sets, from the packet rather than defaults.
+        self.mid = mid
+        self._topic = topic
+        self.dup = bool(first & 0x08)
+        self.qos = (first & 0x06) >> 1
+        self.retain = bool(first & 0x01)
+        self.payload = payload
+        self.timestamp = timestamp
+        self.state = mqtt.mqtt_ms_invalid
         self._v5 = v5
-        super().__init__(mid, topic)
+        self._props: Properties | None = None
+        self._info: mqtt.MQTTMessageInfo | None = None
 
     @property  # type: ignore[override]
     def properties(self) -> Properties | None:
@@ -110,6 +124,16 @@ class Message(mqtt.MQTTMessage):
     @properties.setter
     def properties(self, value: Properties | None) -> None:
         self._props = value
+
+    @property  # type: ignore[override]
+    def info(self) -> mqtt.MQTTMessageInfo:
+        if self._info is None:
+            self._info = mqtt.MQTTMessageInfo(self.mid)
+        return self._info
+
+    @info.setter
+    def info(self, value: mqtt.MQTTMessageInfo) -> None:
+        self._info = value
 
 
 class Client(mqtt.Client):
@@ -158,12 +182,7 @@ class Client(mqtt.Client):
         handled = 0
         while handled < most and (packet := sock.take_publish(v5)) is not None:
             first, topic, mid, payload = packet
-            msg = Message(mid, topic, v5)
-            msg.dup = bool(first & 0x08)
-            msg.qos = (first & 0x06) >> 1
-            msg.retain = bool(first & 0x01)
-            msg.payload = payload
-            msg.timestamp = mqtt.time_func()
+            msg = Message(mid, topic, v5, first, payload, mqtt.time_func())
             self._handle_on_message(msg)
             if msg.qos and not self._manual_ack:
                 self._send_puback(mid)

@@ -292,7 +292,8 @@ def received(client_class: type[mqtt.Client], v5: bool, stream: bytes, piece: in
 
         def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
             props = m.properties.json() if m.properties is not None else None
-            got.append((m._topic, m.mid, m.qos, m.dup, m.retain, bytes(m.payload), props))
+            fields = (m._topic, m.mid, m.qos, m.dup, m.retain, bytes(m.payload), props)
+            got.append((*fields, m.state, m.info.mid, m.timestamp > 0))
 
         c.on_message = on_message
         c._sock = ReadAheadSocket(b) if issubclass(client_class, Client) else b
