@@ -12,18 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
-def main() -> None:
-    import atheris
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    with atheris.instrument_imports(include=["sensor_gateway"]):
-        import sensor_gateway.mqtt  # noqa: F401
-    from tests.fuzz.targets import mqtt_input
-
-    atheris.Setup(sys.argv, mqtt_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.fuzz.atheris_main import fuzz
+
+    fuzz(["sensor_gateway.mqtt"], "mqtt_input")
