@@ -197,6 +197,11 @@ class IngestConfig:
     # Receive Maximum = batch_size * this: one batch being written while the
     # next arrives (their acknowledgements overlap the write after them).
     inflight_batches: int = 2
+    # Bytes of payload held between receipt and acknowledgement, at most (MB):
+    # Receive Maximum bounds messages, this their bytes (8000 maximum-size
+    # payloads would be 196 MB). Past it, paho stops reading until a batch is
+    # acknowledged, and TCP holds the broker back.
+    max_held_mb: int = 64
     # Larger payloads are rejects; keep equal to the broker's message_size_limit.
     max_payload_bytes: int = 16384
     max_future_skew_s: float = 300.0
@@ -422,6 +427,7 @@ def validate(cfg: Config) -> None:
     positive("ingest.batch_size", cfg.ingest.batch_size)
     positive("ingest.batch_timeout_ms", cfg.ingest.batch_timeout_ms)
     positive("ingest.inflight_batches", cfg.ingest.inflight_batches)
+    positive("ingest.max_held_mb", cfg.ingest.max_held_mb)
     positive("ingest.max_payload_bytes", cfg.ingest.max_payload_bytes)
     positive("ingest.latest_n", cfg.ingest.latest_n)
     positive("ingest.stats_interval_s", cfg.ingest.stats_interval_s)

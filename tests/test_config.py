@@ -45,6 +45,8 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ("[ingest]\nbatchsize = 5\n", {}, "ingest.batchsize: unknown key"),
         ("[nope]\na = 1\n", {}, "unknown section [nope]"),
         ("", {"SENSOR_GATEWAY_INGEST__BATCH_SIZE": "0"}, "ingest.batch_size: must be > 0, got 0"),
+        ("[ingest]\nmax_held_mb = 0\n", {}, "ingest.max_held_mb: must be > 0, got 0"),
+        ("[ingest]\nmax_held_mb = 0.5\n", {}, "ingest.max_held_mb: expected an integer"),
         ("", {"SENSOR_GATEWAY_FOO__BAR": "1"}, "unknown section 'foo'"),
         ("[mqtt]\nport = 70000\n", {}, "mqtt.port: not a TCP port: 70000"),
         ("[mqtt]\nprotocol = '4'\n", {}, "mqtt.protocol"),

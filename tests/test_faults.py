@@ -9,6 +9,7 @@ heals what a crash between a bucket's write and its summaries' left behind).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -62,6 +63,48 @@ def test_kill_9_ingester_mid_stream(gateway: Gateway) -> None:
     finish_publishing(sim, t, n)
     assert at_kill < n, "the kill came after the stream ended; it proves nothing"
     assert_exactly_once(gateway, sim.run_id, n)
+
+
+def test_max_held_mb_bounds_the_bytes_held_while_mongodb_is_down(
+    private_gateway: Gateway,
+) -> None:
+    """Receive Maximum (8,000 here) bounds messages, not bytes: 400 payloads of
+    15 KB fit in the window, but with ingest.max_held_mb = 1 the ingester takes
+    no more than about 1 MB of them while nothing can be written; the broker
+    keeps the rest, and every one is stored once when MongoDB returns."""
+    gw = private_gateway
+    gw.set(ingest={"batch_size": 4000, "inflight_batches": 2, "max_held_mb": 1})
+    ing = gw.start_ingester()
+    rx = ing.receiver
+    gw.stack.mongo.stop()
+    n = 400
+    payloads = [
+        json.dumps(
+            {"msg_id": f"held-{i}", "value": i, "timestamp": "2026-11-24T11:00:00Z"}
+            | {"pad": "x" * 15000}
+        )
+        for i in range(n)
+    ]
+    one = max(len(p) for p in payloads)
+    pub = gw.raw_publisher()
+    try:
+        for body in payloads:
+            info = pub.publish("sensors/t/held", body, qos=1)
+        info.wait_for_publish(30)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+    time.sleep(3)  # what the ingester would take, it has taken
+    print(f"held {rx.held_bytes} bytes of {n * one}")
+    # Without the budget it would hold all 400 (6 MB): the window allows 8,000.
+    assert 0 < rx.held_bytes <= rx.max_held_bytes + one
+    gw.stack.mongo.start()
+    gw.wait_stored(n, timeout=120)
+    time.sleep(2)
+    msg_ids = [r.get("msg_id") for r in gw.readings()]
+    assert sorted(msg_ids) == sorted(f"held-{i}" for i in range(n)), "lost or stored twice"
+    wait_for(lambda: rx.held_bytes == 0, 10, what="every held byte acknowledged")
+    assert rx.max_held_bytes <= ing.counters.held_bytes_max <= rx.max_held_bytes + one
 
 
 def test_mongodb_down_20s_mid_stream(private_gateway: Gateway) -> None:

@@ -57,6 +57,7 @@ INGEST_GAUGES = {
     "batch_size_last": "Size of the last batch written.",
     "batch_size_max": "Largest batch written since the ingester started.",
     "lag_ms_last": "Milliseconds from receipt to acknowledgement, last batch.",
+    "held_bytes_max": "Most payload bytes held unacknowledged since the ingester started.",
 }
 
 

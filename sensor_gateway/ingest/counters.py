@@ -16,6 +16,8 @@ class Counters:
     batch_size_last: int = 0
     batch_size_max: int = 0
     lag_ms_last: float = 0.0
+    # Most payload bytes held between receipt and acknowledgement (ingest.max_held_mb).
+    held_bytes_max: int = 0
     mongo_retries: int = 0
     redis_errors: int = 0
     # Held from an earlier connection and dropped when the broker redelivered them.

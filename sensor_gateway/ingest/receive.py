@@ -5,8 +5,10 @@ holds at most Receive Maximum (batch_size * inflight_batches) messages of at
 most Maximum Packet Size bytes: MQTT 5 asks the broker for that window, and
 since Mosquitto 2.0.11 overruns it once acknowledgements flow, a full queue
 also blocks paho's reading while the loop consumes (TCP then holds the broker
-back). Before the loop runs nothing is acknowledged, so the window holds, and
-paho must stay free to read the SUBACK the start-up awaits.
+back). So does holding ``ingest.max_held_mb`` of payload between receipt and
+acknowledgement: the window bounds messages, this their bytes. Before the
+loop runs nothing is acknowledged, so the window holds, and paho must stay
+free to read the SUBACK the start-up awaits.
 
 After a reconnect, a message still held from the earlier connection is
 dropped when the broker redelivers it (same topic and bytes), so copies never
@@ -94,6 +96,13 @@ class Receiver:
         self.stale_count = 0
         self._stale_until = 0.0
         self._stale_lock = threading.Lock()
+        # Payload bytes held, as three totals each written by one thread only:
+        # queued (paho's), dropped as stale copies (paho's), acknowledged (the
+        # finisher's). Those of an earlier connection count until written.
+        self.max_held_bytes = self.icfg.max_held_mb * 2**20
+        self._bytes_queued = 0
+        self._bytes_dropped = 0
+        self._bytes_acknowledged = 0
         self.client = make_client(
             cfg,
             self.client_id,
@@ -129,6 +138,14 @@ class Receiver:
         message once for each (the second copy a duplicate, but a wasted one)."""
         i = self.icfg
         return i.topic if i.workers > 1 else f"$share/{i.share_group}/{i.topic}"
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes received and not yet acknowledged (or dropped)."""
+        return self._bytes_queued - self._bytes_dropped - self._bytes_acknowledged
+
+    def _full(self) -> bool:
+        return self.queue.qsize() >= self.receive_maximum or self.held_bytes >= self.max_held_bytes
 
     @property
     def receive_maximum(self) -> int:
@@ -187,7 +204,7 @@ class Receiver:
         with self._stale_lock:
             held = self.stale.get((topic, payload))
             if held:
-                held.pop()
+                self._bytes_dropped += len(held.pop().payload)
                 self.stale_count -= 1
                 self.counters.dropped_stale += 1
                 if not held:
@@ -248,12 +265,14 @@ class Receiver:
             # Full: wait here, so paho stops reading and TCP holds the broker back.
             # (Acknowledgements still leave: ack() only queues them for this thread's
             # loop, which a PUBACK does not need to wait for.)
-            while self.consuming.is_set() and self.queue.qsize() >= self.receive_maximum:
+            while self.consuming.is_set() and self._full():
                 if self.draining.is_set():
                     self.counters.left_to_broker += 1
                     return
                 time.sleep(0.005)
+            self._bytes_queued += len(m.payload)
             self.queue.put(m)
+            self.counters.held_bytes_max = max(self.counters.held_bytes_max, self.held_bytes)
         except Exception as exc:  # noqa: BLE001 - unacked, so the broker sends it again
             log_unexpected(exc, "bug: receiving a message raised")
 
@@ -266,6 +285,7 @@ class Receiver:
         acknowledge_all(
             self.client, [m.mid for m in batch if m.qos > 0 and m.connection == current]
         )
+        self._bytes_acknowledged += sum(len(m.payload) for m in batch)
 
     def disconnect(self) -> None:
         """Leave the broker once the PUBACKs queued so far are out."""
