@@ -84,10 +84,11 @@ def _newest(readings: list[tuple[float, dict[str, Any]]], n: int) -> dict[str, f
     return dict(heapq.nlargest(n, members.items(), key=lambda kv: (kv[1], kv[0])))
 
 
-def live_message(docs: list[dict[str, Any]]) -> bytes:
-    """A batch's new readings on the live channel: one message, a JSON array
-    (a PUBLISH per reading cost the ingester more than the rest of Redis)."""
-    return _live_encoder.encode([public(d) for d in docs])
+def live_message(shown: list[dict[str, Any]]) -> bytes:
+    """A batch's new readings (their public forms) on the live channel: one
+    message, a JSON array (a PUBLISH per reading cost the ingester more than
+    the rest of Redis)."""
+    return _live_encoder.encode(shown)
 
 
 def live_readings(message: str | bytes) -> list[dict[str, Any]]:
@@ -116,7 +117,7 @@ def store_latest(
     # Each reading's public form is made once, for the live channel and the sets.
     shown = [public(d) for d in docs]
     if live and docs:
-        pipe.publish(keys.live, _live_encoder.encode(shown))
+        pipe.publish(keys.live, live_message(shown))
     by_sensor: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for d, pub in zip(docs, shown, strict=True):
         by_sensor.setdefault(d["sensor_id"], []).append((_score(d), pub))

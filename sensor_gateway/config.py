@@ -191,7 +191,8 @@ class IngestConfig:
     # batch_timeout_ms closes it first. Large batches matter because every write
     # costs per document touched (a bucket per sensor-minute), not per reading.
     # Draining a backlog into FerretDB, 2000 went at about 0.8x the rate of 4000
-    # and 6000 at 1.3x (README, Benchmarks); what may be held grows with it.
+    # and 6000 at 1.3x (README, Benchmarks); the messages held grow with it
+    # (their bytes are capped by max_held_mb).
     batch_size: int = 4000
     batch_timeout_ms: int = 50
     # Receive Maximum = batch_size * this: one batch being written while the

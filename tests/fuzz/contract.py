@@ -139,5 +139,5 @@ def check_batch_readings(readings: list[dict[str, Any]]) -> None:
         cache._member(d)
     # The live channel carries the batch as one array, read back reading by reading.
     if stored:
-        live = cache.live_readings(cache.live_message(stored))
+        live = cache.live_readings(cache.live_message([model.public(d) for d in stored]))
         assert live == [model.public(d) for d in stored], live
